@@ -1,0 +1,296 @@
+"""Choose λ on held-out traces so that stopping costs at most ε of quality, and say how sure we are.
+
+Three methods:
+
+- ``"ltt"`` (default): Learn-then-Test (Angelopoulos et al. 2021). Each grid λ gets a p-value for
+  H0: risk(λ) > ε; an FWER procedure (fixed-sequence by default) rejects some; the cheapest
+  rejected λ is certified with P(risk <= ε) >= 1 - δ.
+- ``"crc"``: conformal risk control (Angelopoulos et al. 2022), E[risk] <= ε. Per-input losses
+  are made monotone in λ by taking, at each stage, the worst loss of any later stage; that
+  upper-bounds the true loss, so the guarantee carries over.
+- ``"conditional"``: Early Time Classification's per-stage thresholds (see
+  :mod:`stopwise.conditional`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import datetime as _dt
+import numpy as np
+
+from stopwise import fwer as _fwer
+from stopwise import pvalues as _pv
+from stopwise._errors import CalibrationError, check_choice, check_int, check_open_unit
+from stopwise._version import __version__
+from stopwise.certificate import GUARANTEES, Certificate
+from stopwise.curves import default_grid, halt_sums
+from stopwise.risks import Risk, make_risk
+from stopwise.rules import Rule, halts_from_z
+from stopwise.trace import FloatArray, IntArray, Trace
+
+METHODS = ("ltt", "crc", "conditional")
+
+
+@dataclass(frozen=True)
+class Table:
+    """Risk and cost at each λ, ordered from the most conservative λ to the least.
+
+    ``risk`` is in the risk's own units (losses up to ``bound``); ``n_eff`` is the sample size
+    behind each risk (n, or the count stopped early for selective risk).
+    """
+
+    lam: FloatArray
+    t: FloatArray
+    risk: FloatArray
+    loss_sum: FloatArray
+    n_eff: FloatArray
+    cost: FloatArray
+    mean_stages: FloatArray
+
+
+def oracle_halts(loss: FloatArray, lengths: IntArray) -> IntArray:
+    """Earliest stage whose loss is no worse than the last stage's (for the gap: first agreement)."""
+    n = loss.shape[0]
+    final = loss[np.arange(n), lengths - 1]
+    ok = (loss <= final[:, None] + 1e-12) & (np.arange(loss.shape[1])[None, :] < lengths[:, None])
+    return ok.argmax(axis=1).astype(np.int64)
+
+
+def table(trace: Trace, rule: Rule, risk: Risk | str = "gap", *, grid: int | FloatArray = 1000,
+          loss: FloatArray | None = None, z: FloatArray | None = None) -> Table:
+    """The empirical risk/cost curve of ``rule`` on ``trace`` over a λ grid (no guarantee)."""
+    risk = make_risk(risk)
+    rule = rule.with_lam(None) if not rule.free else rule
+    z = rule.z(trace) if z is None else z
+    loss = risk.loss_matrix(trace) if loss is None else loss
+    if isinstance(grid, (int, np.integer)):
+        t = default_grid(z, int(grid), rule.integer)
+    else:
+        t = np.unique(rule.sign() * np.asarray(grid, dtype=np.float64))
+    lengths = trace.lengths
+    stages = np.broadcast_to(np.arange(1, trace.n_stages + 1, dtype=np.float64), z.shape)
+    values: dict[str, FloatArray] = {"cost": trace.cost_matrix, "stages": stages}
+    if risk.selective:
+        early = (np.arange(trace.n_stages)[None, :] < (lengths - 1)[:, None]).astype(np.float64)
+        values["loss"] = loss * early
+        values["n"] = early
+    else:
+        values["loss"] = loss
+    sums = halt_sums(z, lengths, t, values).sums
+    order = slice(None, None, -1)  # ascending t -> conservative first
+    n_eff = sums["n"] if risk.selective else np.full(t.size, float(trace.n))
+    return Table(
+        lam=np.array([rule.lam_from_threshold(x) for x in t[order]]),
+        t=t[order],
+        risk=(sums["loss"] / np.maximum(n_eff, 1))[order],
+        loss_sum=sums["loss"][order],
+        n_eff=n_eff[order],
+        cost=(sums["cost"] / trace.n)[order],
+        mean_stages=(sums["stages"] / trace.n)[order],
+    )
+
+
+def evaluate(trace: Trace, rule: Rule, *, risk: Risk | str = "gap", lam: float | None = None) -> dict[str, Any]:
+    """Risk and cost of a fixed rule on a trace (what ``stopwise check`` reports)."""
+    risk = make_risk(risk)
+    halts = rule.halts(trace, lam)
+    loss = risk.loss_matrix(trace)[np.arange(trace.n), halts]
+    if risk.selective:
+        early = halts < trace.lengths - 1
+        value = float(loss[early].mean()) if early.any() else 0.0
+    else:
+        value = float(loss.mean())
+    oracle = oracle_halts(risk.loss_matrix(trace), trace.lengths)
+    full = float(trace.full_cost.mean())
+    cost = float(trace.cost_at(halts).mean())
+    return {
+        "n": trace.n,
+        "risk": value,
+        "expected_cost": cost,
+        "full_cost": full,
+        "savings": 1.0 - cost / full if full > 0 else 0.0,
+        "mean_stages": float(halts.mean() + 1),
+        "oracle_mean_stages": float(oracle.mean() + 1),
+        "oracle_cost": float(trace.cost_at(oracle).mean()),
+    }
+
+
+def _check_inputs(trace: Trace, epsilon: float, delta: float, risk: Risk, pvalue: str, method: str) -> tuple[float, str]:
+    epsilon = check_open_unit(epsilon, "epsilon", "calibrate") if risk.bound == 1.0 else float(epsilon)
+    if not 0.0 < epsilon < risk.bound:
+        raise CalibrationError(f"The 'epsilon' parameter of calibrate must be in (0, {risk.bound:g}) (the risk's bound). Got {epsilon!r} instead.")
+    delta = check_open_unit(delta, "delta", "calibrate")
+    pvalue = check_choice(pvalue, "pvalue", "calibrate", ("auto", *_pv.PVALUES))
+    if pvalue == "auto":
+        pvalue = "binomial" if risk.binary else "hoeffding_bentkus"
+    if pvalue == "binomial" and not risk.binary:
+        raise CalibrationError(
+            f"The exact 'binomial' p-value needs 0/1 losses; the {risk.name!r} risk is not binary. "
+            f"Use one of {sorted(set(_pv.PVALUES) - {'binomial'})}."
+        )
+    if trace.n == 0:
+        raise CalibrationError("Cannot calibrate on an empty trace (n = 0).")
+    return epsilon, pvalue
+
+
+def calibrate(
+    trace: Trace,
+    rule: Rule,
+    *,
+    epsilon: float,
+    delta: float = 0.1,
+    risk: Risk | str = "gap",
+    method: str = "ltt",
+    pvalue: str = "auto",
+    fwer: str = "fixed_sequence",
+    grid: int | FloatArray = 1000,
+    seed: int = 0,
+) -> Certificate:
+    """Certify the cheapest λ whose risk is at most ``epsilon``; see the module docstring.
+
+    Args:
+        trace: calibration traces, exchangeable with the inputs the rule will see.
+        rule: the rule family; its λ (if set) is ignored and calibrated.
+        epsilon: the largest acceptable risk, in the risk's units (a fraction for the default).
+        delta: the allowed probability that the certificate is wrong (LTT, conditional).
+        risk: ``"gap"`` (disagreement with full compute), ``"accuracy_drop"``, ``"selective"``,
+            ``"loss"``, or a :class:`~stopwise.risks.Risk`.
+        method: ``"ltt"``, ``"crc"`` or ``"conditional"``.
+        pvalue: ``"auto"`` (exact binomial for 0/1 losses, else Hoeffding-Bentkus), or one of
+            ``"binomial"``, ``"hoeffding"``, ``"bentkus"``, ``"hoeffding_bentkus"``, ``"wsr"``.
+        fwer: ``"fixed_sequence"``, ``"bonferroni"`` or ``"holm"``.
+        grid: number of candidate λ (taken from the statistic's observed values) or explicit λs.
+        seed: for WSR's visiting order and the conditional method's split.
+    """
+    risk = make_risk(risk)
+    method = check_choice(method, "method", "calibrate", METHODS)
+    fwer = check_choice(fwer, "fwer", "calibrate", tuple(_fwer.FWER))
+    if isinstance(grid, (int, np.integer)):
+        check_int(int(grid), "grid", "calibrate", minimum=1)
+    epsilon, pvalue = _check_inputs(trace, epsilon, delta, risk, pvalue, method)
+    if method == "conditional":
+        from stopwise.conditional import calibrate_conditional
+
+        return calibrate_conditional(trace, rule, epsilon=epsilon, delta=delta, risk=risk, pvalue=pvalue, grid=grid, seed=seed)
+    eps01 = epsilon / risk.bound
+    n_min = _pv.min_calibration_size(eps01, delta, pvalue) if method == "ltt" else int(np.ceil(1.0 / eps01 - 1.0))
+    if trace.n < n_min:
+        what = f"ε = {epsilon:g}, δ = {delta:g} with the {pvalue!r} p-value" if method == "ltt" else f"ε = {epsilon:g} (CRC needs (B) / (n + 1) <= ε)"
+        raise CalibrationError(
+            f"The calibration set is too small: n = {trace.n}, but certifying anything at {what} "
+            f"needs at least n = {n_min} inputs."
+        )
+    free = rule.with_lam(None)
+    z = free.z(trace)
+    loss = risk.loss_matrix(trace) / risk.bound
+    if method == "crc":
+        return _crc(trace, free, risk, loss, z, epsilon, grid, n_min)
+    tab = table(trace, free, risk, grid=grid, loss=loss, z=z)
+    p = _p_values(trace, free, risk, loss, z, tab, eps01, delta, pvalue, fwer)
+    rejected = _fwer.FWER[fwer](p, delta)
+    return _certificate(
+        trace, free, risk, loss, tab, rejected, p, method="ltt", epsilon=epsilon, delta=delta,
+        pvalue=pvalue, fwer=fwer, n_min=n_min,
+    )
+
+
+def _p_values(trace: Trace, rule: Rule, risk: Risk, loss: FloatArray, z: FloatArray, tab: Table,
+              eps: float, delta: float, pvalue: str, fwer: str) -> FloatArray:
+    if pvalue != "wsr":
+        return np.asarray(_pv.SUM_PVALUES[pvalue](tab.loss_sum, tab.n_eff, eps), dtype=np.float64)
+    # WSR needs each λ's loss vector; fixed-sequence stops at the first failure, so go lazily.
+    p = np.ones(tab.t.size)
+    for j, t in enumerate(tab.t):
+        halts = halts_from_z(z, trace.lengths, t)
+        losses = loss[np.arange(trace.n), halts]
+        if risk.selective:
+            losses = losses[halts < trace.lengths - 1]
+        p[j] = _pv.wsr(losses, eps, delta)
+        if fwer == "fixed_sequence" and p[j] > delta:
+            break
+    return p
+
+
+def _crc(trace: Trace, rule: Rule, risk: Risk, loss: FloatArray, z: FloatArray, epsilon: float,
+         grid: int | FloatArray, n_min: int) -> Certificate:
+    mask = trace.mask
+    assert mask is not None
+    # Monotone upper bound: the worst loss from this stage to the last (suffix max).
+    masked = np.where(mask, loss, -np.inf)
+    mono = np.maximum.accumulate(masked[:, ::-1], axis=1)[:, ::-1]
+    mono = np.where(mask, mono, 0.0)
+    tab = table(trace, rule, risk, grid=grid, loss=mono, z=z)
+    n = trace.n
+    bound_ok = (n * tab.risk + 1.0) / (n + 1.0) <= epsilon / risk.bound
+    accepted = _fwer.fixed_sequence(np.where(bound_ok, 0.0, 1.0), 0.5)  # walk while the bound holds
+    return _certificate(trace, rule, risk, loss, tab, accepted, None, method="crc", epsilon=epsilon,
+                        delta=None, pvalue=None, fwer=None, n_min=n_min)
+
+
+def _certificate(trace: Trace, rule: Rule, risk: Risk, loss: FloatArray, tab: Table, accepted: np.ndarray,
+                 p: FloatArray | None, *, method: str, epsilon: float, delta: float | None,
+                 pvalue: str | None, fwer: str | None, n_min: int | None,
+                 thresholds: list[float | None] | None = None) -> Certificate:
+    """Pick the cheapest accepted λ and measure everything the certificate reports."""
+    oracle = oracle_halts(loss, trace.lengths)
+    full = float(trace.full_cost.mean())
+    certified = bool(accepted.any())
+    if thresholds is not None:
+        final_rule = rule
+        lam, p_at, j = None, None, None
+    elif certified:
+        idx = np.flatnonzero(accepted)
+        j = int(idx[np.argmin(tab.cost[idx])])
+        lam = float(tab.lam[j])
+        final_rule = rule.with_lam(lam)
+        p_at = None if p is None else float(p[j])
+    else:
+        from stopwise.rules import Never
+
+        final_rule, lam, p_at, j = Never(), None, None, None
+    halts = final_rule.halts(trace)
+    at = loss[np.arange(trace.n), halts] * risk.bound
+    early = halts < trace.lengths - 1
+    if risk.selective:
+        n_eff = int(early.sum())
+        emp = float(at[early].mean()) if n_eff else 0.0
+    else:
+        n_eff, emp = trace.n, float(at.mean())
+    ub = None
+    if pvalue is not None and delta is not None and j is not None:
+        raw = at[early] if risk.selective else at
+        ub = risk.bound * _pv.upper_bound(float(raw.sum() / risk.bound), n_eff, delta, pvalue, raw / risk.bound)
+    cost = float(trace.cost_at(halts).mean())
+    return Certificate(
+        rule=rule.with_lam(None).to_config() if thresholds is None else rule.to_config()["params"]["rule"],
+        certified=certified,
+        lam=lam,
+        method=method,
+        risk=risk.to_config(),
+        epsilon=epsilon,
+        delta=delta,
+        pvalue=pvalue,
+        fwer=fwer,
+        n=trace.n,
+        n_min=n_min,
+        empirical_risk=emp,
+        risk_upper_bound=ub,
+        p_value=p_at,
+        expected_cost=cost,
+        full_cost=full,
+        savings=1.0 - cost / full if full > 0 else 0.0,
+        mean_stages=float(halts.mean() + 1),
+        oracle_cost=float(trace.cost_at(oracle).mean()),
+        oracle_mean_stages=float(oracle.mean() + 1),
+        n_stages=trace.n_stages,
+        grid_size=int(tab.t.size),
+        n_certified=int(accepted.sum()),
+        data_fingerprint=trace.fingerprint(),
+        stopwise_version=__version__,
+        thresholds=thresholds,
+        guarantee=GUARANTEES[method],
+        source={k: v for k, v in trace.meta.items() if isinstance(v, (str, int, float, bool))},
+        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    )

@@ -1,0 +1,104 @@
+"""Per-stage thresholds with risk controlled conditionally on halt time.
+
+After Ringel, Romano et al. (2024), "Early Time Classification with Accumulated Accuracy Gap
+Control": one marginal λ lets inputs that halt early carry large gaps as long as late ones make up
+for it. Here each stage t gets its own threshold λ_t, and the guarantee is, with probability
+>= 1 - δ, for every stage t: risk among the inputs halted by stage t <= ε.
+
+Two stages on disjoint halves of the calibration set:
+1. screening (first half): walk the stages in order; for stage t pick the most aggressive λ_t
+   whose p-value on this half, at the stricter level ``SCREEN_SLACK * ε``, is <= δ, given the
+   thresholds already chosen; a stage with none gets "never stop here". The slack makes the
+   chosen thresholds likely to pass again on fresh data; it does not affect validity.
+2. testing (second half): fixed-sequence over the opened stages in stage order,
+   H_t: "accumulated risk among inputs halted by stage t > ε", p-value on the inputs halted by t.
+   At the first failure that stage and all later ones are closed (never stop there). The
+   hypotheses and their order depend only on the first half, so fixed-sequence testing controls
+   the family-wise error at δ, and closed stages add no inputs to any accumulated set.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from stopwise import pvalues as _pv
+from stopwise._errors import CalibrationError
+from stopwise.calibrate import Table, _certificate
+from stopwise.certificate import Certificate
+from stopwise.curves import default_grid
+from stopwise.risks import Risk
+from stopwise.rules import Rule, StageThresholds
+from stopwise.trace import FloatArray, IntArray, Trace
+
+#: Screening asks for risk <= SCREEN_SLACK * ε on the first half, so that testing passes.
+SCREEN_SLACK = 0.8
+
+
+def _halts(z: FloatArray, lengths: IntArray, t_stage: FloatArray) -> IntArray:
+    fires = z >= t_stage[None, :]
+    first = fires.argmax(axis=1)
+    fired = fires[np.arange(z.shape[0]), first]
+    return np.where(fired, first, lengths - 1)
+
+
+def _accumulated(loss: FloatArray, halts: IntArray, lengths: IntArray, stage: int) -> tuple[float, int]:
+    """(loss sum, count) over inputs halted early by ``stage`` (forced last-stage halts excluded)."""
+    by = (halts <= stage) & (halts < lengths - 1)
+    return float(loss[np.arange(len(halts)), halts][by].sum()), int(by.sum())
+
+
+def calibrate_conditional(trace: Trace, rule: Rule, *, epsilon: float, delta: float, risk: Risk,
+                          pvalue: str, grid: int | FloatArray, seed: int) -> Certificate:
+    free = rule.with_lam(None)
+    if trace.n < 4:
+        raise CalibrationError(f"The conditional method splits the calibration set in two; n = {trace.n} is too small.")
+    eps = epsilon / risk.bound
+    n_min = 2 * _pv.min_calibration_size(eps, delta, pvalue)
+    if trace.n < n_min:
+        raise CalibrationError(
+            f"The calibration set is too small: n = {trace.n}, but the conditional method at ε = {epsilon:g}, "
+            f"δ = {delta:g} ({pvalue!r} p-value) needs at least n = {n_min} (two halves)."
+        )
+    z = free.z(trace)
+    loss = risk.loss_matrix(trace) / risk.bound
+    # Screening is a loop per stage and grid point: a coarser grid keeps it fast.
+    grid_t = default_grid(z, min(int(grid), 200), free.integer) if isinstance(grid, (int, np.integer)) else np.unique(free.sign() * np.asarray(grid, float))
+    perm = np.random.default_rng(seed).permutation(trace.n)
+    a, b = perm[: trace.n // 2], perm[trace.n // 2 :]
+    lengths = trace.lengths
+    k = trace.n_stages
+    t_stage = np.full(k, np.inf)
+
+    def accumulated_p(rows: IntArray, stage: int, ts: FloatArray, level: float) -> float:
+        h = _halts(z[rows], lengths[rows], ts)
+        s, m = _accumulated(loss[rows], h, lengths[rows], stage)
+        if pvalue == "wsr":
+            by = (h <= stage) & (h < lengths[rows] - 1)
+            return _pv.wsr(loss[rows][np.arange(len(rows)), h][by], level, delta)
+        return float(_pv.SUM_PVALUES[pvalue](np.asarray([s]), m, level)[0])
+
+    # 1. screening on half a: most aggressive threshold per stage that passes with slack.
+    for stage in range(k - 1):
+        for t in grid_t:  # ascending = most aggressive first
+            trial = t_stage.copy()
+            trial[stage] = t
+            if accumulated_p(a, stage, trial, SCREEN_SLACK * eps) <= delta:
+                t_stage[stage] = t
+                break
+    # 2. fixed-sequence testing on half b over the opened stages, in order.
+    for stage in np.flatnonzero(np.isfinite(t_stage)):
+        if accumulated_p(b, stage, t_stage, eps) > delta:
+            t_stage[stage:] = np.inf
+            break
+    thresholds = [None if not np.isfinite(t) else free.lam_from_threshold(t) for t in t_stage]
+    final = StageThresholds(free, thresholds=[free.sign() * np.inf if x is None else x for x in thresholds])
+    opened = int(np.isfinite(t_stage).sum())
+    tab = Table(*(np.zeros(1) for _ in range(7)))  # one "point": the threshold vector
+    cert = _certificate(
+        trace, final, risk, loss, tab, np.array([opened > 0]), None, method="conditional",
+        epsilon=epsilon, delta=delta, pvalue=pvalue, fwer="fixed_sequence", n_min=n_min,
+        thresholds=thresholds,
+    )
+    cert.grid_size = int(grid_t.size)
+    cert.n_certified = opened
+    return cert

@@ -1,0 +1,67 @@
+"""Stopping rules and their registry by name (used by the CLI and by certificates)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from stopwise._errors import StopwiseError
+from stopwise.rules.agreement import BetaPosterior, Betting, Patience, WindowAgreement
+from stopwise.rules.base import Rule, Stopper, halts_from_z
+from stopwise.rules.compose import AllOf, AnyOf, Budget, MinStage, Never, StageThresholds
+from stopwise.rules.confidence import Entropy, Margin, MaxProb, Saturation, Signal
+
+RULES: dict[str, type[Rule]] = {
+    cls.name: cls
+    for cls in (
+        MaxProb, Margin, Entropy, Signal, Saturation, Patience, WindowAgreement, BetaPosterior,
+        Betting, Budget, Never, AnyOf, AllOf, MinStage, StageThresholds,
+    )
+}
+
+_NESTED = {"rule", "rules"}
+
+
+def make_rule(name: str, **params: Any) -> Rule:
+    """Build a rule from its registry name, e.g. ``make_rule("entropy", normalized=True)``."""
+    if name not in RULES:
+        raise StopwiseError(f"Unknown rule {name!r}. Known rules: {sorted(RULES)} (see `stopwise rules`).")
+    try:
+        return RULES[name](**params)
+    except TypeError as exc:
+        raise StopwiseError(f"Bad parameters {params!r} for rule {name!r}: {exc}") from None
+
+
+def rule_from_config(config: dict[str, Any]) -> Rule:
+    """Inverse of :meth:`Rule.to_config`."""
+    params = dict(config.get("params") or {})
+    for key in _NESTED & params.keys():
+        value = params[key]
+        params[key] = [rule_from_config(v) for v in value] if isinstance(value, list) else rule_from_config(value)
+    name = config.get("name", "")
+    lam = config.get("lam")
+    if name in ("any_of", "all_of"):
+        return RULES[name](*params.pop("rules"), lam=lam)
+    return make_rule(name, lam=lam, **params)
+
+
+def describe_rules() -> list[dict[str, Any]]:
+    """Name, summary, direction and default λ of every registered rule (for `stopwise rules`)."""
+    out = []
+    for name, cls in sorted(RULES.items()):
+        doc = (cls.__doc__ or "").strip().splitlines()[0]
+        out.append({
+            "name": name,
+            "class": cls.__name__,
+            "summary": doc,
+            "fires_when": "statistic <= lam" if cls.direction < 0 else "statistic >= lam",
+            "integer_lam": cls.integer,
+            "default_lam": cls.default_lam,
+        })
+    return out
+
+
+__all__ = [
+    "RULES", "AllOf", "AnyOf", "BetaPosterior", "Betting", "Budget", "Entropy", "Margin", "MaxProb",
+    "MinStage", "Never", "Patience", "Rule", "Saturation", "Signal", "StageThresholds", "Stopper",
+    "WindowAgreement", "describe_rules", "halts_from_z", "make_rule", "rule_from_config",
+]

@@ -1,0 +1,190 @@
+"""The stopping-rule protocol: one causal statistic per stage, one threshold λ.
+
+Every rule computes, stage by stage, a statistic that may depend only on the stages seen so far,
+and fires when the statistic crosses λ. ``direction`` says which way: +1 fires when the statistic
+is >= λ (max probability), -1 when it is <= λ (entropy). Internally we work with
+``z = direction * statistic`` and ``t = direction * λ`` so that "fire" is always ``z >= t`` and a
+larger ``t`` is always more conservative (more compute). That makes every rule monotone in λ: the
+halt stage can only move later as ``t`` grows.
+
+The same :meth:`Rule.update` code serves the offline path (one call per stage over all n inputs)
+and the online path (one call per stage over the rows still running), so both decide alike.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+import numpy as np
+
+from stopwise._errors import StopwiseError
+from stopwise.trace import BoolArray, FloatArray, IntArray, StageBatch, Trace
+
+State = Any
+
+
+class Rule(ABC):
+    """A family of stopping rules indexed by one parameter λ (``lam``)."""
+
+    #: Registry name, used by the CLI and in certificates.
+    name: ClassVar[str] = ""
+    #: +1: fire when statistic >= λ; -1: fire when statistic <= λ.
+    direction: ClassVar[int] = 1
+    #: λ takes integer values (patience, budget).
+    integer: ClassVar[bool] = False
+    #: A sensible λ when nothing is calibrated (the papers' defaults).
+    default_lam: ClassVar[float | None] = None
+
+    def __init__(self, *, lam: float | None = None) -> None:
+        if lam is not None and (not isinstance(lam, (int, float)) or isinstance(lam, bool) or np.isnan(lam)):
+            raise StopwiseError(f"The 'lam' parameter of {type(self).__name__} must be a number or None. Got {lam!r} instead.")
+        self.lam = None if lam is None else float(lam)
+
+    # -- what subclasses write --------------------------------------------------------------
+    def init_state(self, n: int) -> State:
+        """State before the first stage for n rows; stateless rules return None."""
+        return None
+
+    @abstractmethod
+    def update(self, state: State, batch: StageBatch) -> tuple[State, FloatArray]:
+        """Fold in one stage; return the new state and this stage's statistic per row."""
+
+    def select_state(self, state: State, rows: IntArray | BoolArray) -> State:
+        """Keep the state of some rows only (the others left the batch)."""
+        return _select(state, rows)
+
+    def params(self) -> dict[str, Any]:
+        """Constructor arguments other than ``lam`` (for configs and certificates)."""
+        return {}
+
+    # -- derived behaviour ------------------------------------------------------------------
+    @property
+    def free(self) -> bool:
+        """True when λ is left to calibration."""
+        return self.lam is None
+
+    def with_lam(self, lam: float | None) -> Rule:
+        """A copy of this rule with λ set (None: free)."""
+        return type(self)(lam=lam, **self.params())
+
+    def z(self, trace: Trace) -> FloatArray:
+        """(n, K) statistic oriented so that a rule fires when z >= t; -inf on missing stages."""
+        state = self.init_state(trace.n)
+        out = np.empty((trace.n, trace.n_stages), dtype=np.float64)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            for k in range(trace.n_stages):
+                state, stat = self.update(state, trace.stage(k))
+                out[:, k] = stat
+        out *= self.direction
+        out[np.isnan(out)] = -np.inf
+        assert trace.mask is not None
+        out[~trace.mask] = -np.inf
+        return out
+
+    def sign(self) -> int:
+        """Maps λ to the internal threshold t = sign * λ (and back)."""
+        return self.direction
+
+    def threshold(self, lam: float | None = None) -> float:
+        lam = self.lam if lam is None else lam
+        if lam is None:
+            raise StopwiseError(
+                f"{self!r} has no λ: pass lam=..., set it in the constructor, or calibrate it "
+                "(stopwise.calibrate) and use certificate.rule()."
+            )
+        return self.sign() * float(lam)
+
+    def lam_from_threshold(self, t: float) -> float:
+        return self.sign() * float(t)
+
+    def halts(self, trace: Trace, lam: float | None = None) -> IntArray:
+        """Offline: the stage at which each input stops (its last stage when the rule never fires)."""
+        return halts_from_z(self.z(trace), trace.lengths, self.threshold(lam))
+
+    def stopper(self, n: int, lam: float | None = None) -> Stopper:
+        """Online: a stopper for a batch of n rows fed one stage at a time."""
+        return Stopper(self, n, self.threshold(lam))
+
+    def to_config(self) -> dict[str, Any]:
+        return {"name": self.name, "lam": self.lam, "params": _jsonable(self.params())}
+
+    def __repr__(self) -> str:
+        args = [f"{k}={v!r}" for k, v in self.params().items()]
+        if self.lam is not None:
+            args.append(f"lam={self.lam:g}")
+        return f"{type(self).__name__}({', '.join(args)})"
+
+
+def halts_from_z(z: FloatArray, lengths: IntArray, t: float) -> IntArray:
+    """First stage with z >= t, else the last existing stage."""
+    fires = z >= t
+    first = fires.argmax(axis=1)
+    fired = fires[np.arange(z.shape[0]), first]
+    return np.where(fired, first, lengths - 1).astype(np.int64)
+
+
+class Stopper:
+    """Online stopping for a shrinking batch.
+
+    Call :meth:`step` once per stage with that stage's outputs for the rows still running, in the
+    order they were given. It returns which of them stop now and forgets those rows, so the next
+    call takes only the survivors (exactly how a batched model drops exited rows).
+    """
+
+    def __init__(self, rule: Rule, n: int, t: float) -> None:
+        self.rule = rule
+        self.t = t
+        self.state = rule.init_state(n)
+        self.rows = np.arange(n)
+        self.stage = 0
+
+    @property
+    def active(self) -> IntArray:
+        """Original row indices still running."""
+        return self.rows
+
+    def step(self, batch: StageBatch, *, last: bool = False) -> BoolArray:
+        if len(batch) != len(self.rows):
+            raise StopwiseError(
+                f"Stopper.step expects outputs for the {len(self.rows)} rows still running. Got {len(batch)} rows."
+            )
+        if batch.index != self.stage:
+            raise StopwiseError(f"Stopper.step expects stage {self.stage} next. Got stage {batch.index}.")
+        with np.errstate(divide="ignore", invalid="ignore"):
+            self.state, stat = self.rule.update(self.state, batch)
+            z = self.rule.direction * np.asarray(stat, dtype=np.float64)
+        stop = np.nan_to_num(z, nan=-np.inf) >= self.t
+        if last:
+            stop = np.ones_like(stop)
+        keep = ~stop
+        self.state = self.rule.select_state(self.state, keep)
+        self.rows = self.rows[keep]
+        self.stage += 1
+        return stop
+
+
+def _select(state: State, rows: IntArray | BoolArray) -> State:
+    if state is None:
+        return None
+    if isinstance(state, np.ndarray):
+        return state[rows]
+    if isinstance(state, tuple):
+        return tuple(_select(s, rows) for s in state)
+    if isinstance(state, list):
+        return [_select(s, rows) for s in state]
+    raise TypeError(f"cannot select rows of state of type {type(state).__name__}")
+
+
+def _jsonable(params: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in params.items():
+        if isinstance(v, Rule):
+            out[k] = v.to_config()
+        elif isinstance(v, (list, tuple)) and v and isinstance(v[0], Rule):
+            out[k] = [r.to_config() for r in v]
+        elif isinstance(v, np.ndarray):
+            out[k] = v.tolist()
+        else:
+            out[k] = v
+    return out

@@ -1,0 +1,118 @@
+"""Rules on one stage's confidence: max probability, margin, entropy (DeeBERT), any signal (CALM)."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import numpy as np
+
+from stopwise._errors import StopwiseError, check_choice
+from stopwise.rules.base import Rule, State
+from stopwise.trace import FloatArray, StageBatch
+
+
+def _probs(batch: StageBatch, rule: Rule, signal: str) -> FloatArray | None:
+    """The stage's probability vectors, or None when the rule can use the named signal instead."""
+    if batch.probs is not None:
+        return batch.probs
+    if signal in batch.signals:
+        return None
+    raise StopwiseError(
+        f"{type(rule).__name__} needs class probabilities (Trace.probs) or a {signal!r} signal. "
+        f"The trace has neither (signals: {sorted(batch.signals)})."
+    )
+
+
+class MaxProb(Rule):
+    """Stop when the top class probability is >= λ (the classic softmax-confidence exit)."""
+
+    name = "max_prob"
+    default_lam = 0.9
+
+    def update(self, state: State, batch: StageBatch) -> tuple[State, FloatArray]:
+        p = _probs(batch, self, "max_prob")
+        return state, batch.signals["max_prob"] if p is None else p.max(axis=1)
+
+
+class Margin(Rule):
+    """Stop when top-1 minus top-2 probability is >= λ."""
+
+    name = "margin"
+    default_lam = 0.5
+
+    def update(self, state: State, batch: StageBatch) -> tuple[State, FloatArray]:
+        p = _probs(batch, self, "margin")
+        if p is None:
+            return state, batch.signals["margin"]
+        top2 = np.partition(p, p.shape[1] - 2, axis=1)[:, -2:]
+        return state, top2[:, 1] - top2[:, 0]
+
+
+class Entropy(Rule):
+    """Stop when the entropy of the stage's prediction is <= λ (DeeBERT, Xin et al. 2020).
+
+    With ``normalized=True`` the entropy is divided by log C, as FastBERT's "speed" threshold.
+    """
+
+    name = "entropy"
+    direction = -1
+    default_lam = 0.1
+
+    def __init__(self, *, normalized: bool = False, lam: float | None = None) -> None:
+        super().__init__(lam=lam)
+        self.normalized = bool(normalized)
+
+    def params(self) -> dict[str, Any]:
+        return {"normalized": self.normalized}
+
+    def update(self, state: State, batch: StageBatch) -> tuple[State, FloatArray]:
+        p = _probs(batch, self, "entropy")
+        if p is None:
+            return state, batch.signals["entropy"]
+        h = -(p * np.log(np.clip(p, 1e-300, None))).sum(axis=1)
+        return state, h / np.log(p.shape[1]) if self.normalized else h
+
+
+class Signal(Rule):
+    """Threshold any per-stage signal recorded in the trace, e.g. a learned confidence."""
+
+    name = "signal"
+    stop_when: ClassVar[tuple[str, ...]] = ("high", "low")
+
+    def __init__(self, *, signal: str, stop_when: str = "high", lam: float | None = None) -> None:
+        super().__init__(lam=lam)
+        if not isinstance(signal, str) or not signal:
+            raise StopwiseError(f"The 'signal' parameter of Signal must be a signal name. Got {signal!r} instead.")
+        self.signal = signal
+        self.stop_when = check_choice(stop_when, "stop_when", "Signal", ("high", "low"))
+
+    def params(self) -> dict[str, Any]:
+        return {"signal": self.signal, "stop_when": self.stop_when}
+
+    def sign(self) -> int:
+        # The direction depends on the instance: update() already negates "low" signals.
+        return 1 if self.stop_when == "high" else -1
+
+    def update(self, state: State, batch: StageBatch) -> tuple[State, FloatArray]:
+        if self.signal not in batch.signals:
+            raise StopwiseError(
+                f"Signal rule needs the signal {self.signal!r}. The trace has {sorted(batch.signals)}."
+            )
+        value = batch.signals[self.signal]
+        return state, value if self.stop_when == "high" else -value
+
+
+class Saturation(Signal):
+    """Stop when the hidden state has saturated: cos(h_k, h_{k-1}) >= λ (CALM, Schuster et al. 2022).
+
+    Reads the ``saturation`` signal that adapters record.
+    """
+
+    name = "saturation"
+    default_lam = 0.99
+
+    def __init__(self, *, lam: float | None = None) -> None:
+        super().__init__(signal="saturation", stop_when="high", lam=lam)
+
+    def params(self) -> dict[str, Any]:
+        return {}
