@@ -1,0 +1,1 @@
+"""Shared Hugging Face plumbing for the adapters (imports torch and transformers lazily)."""
