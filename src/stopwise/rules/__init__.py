@@ -44,6 +44,13 @@ def rule_from_config(config: dict[str, Any]) -> Rule:
     return make_rule(name, lam=lam, **params)
 
 
+def _fires_when(cls: type[Rule]) -> str:
+    direction = getattr(cls, "direction", 1)
+    if not isinstance(direction, int) or issubclass(cls, Signal) and cls is Signal:
+        return "per wrapped rule" if not isinstance(direction, int) else "per stop_when"
+    return "statistic <= lam" if direction < 0 else "statistic >= lam"
+
+
 def describe_rules() -> list[dict[str, Any]]:
     """Name, summary, direction and default λ of every registered rule (for `stopwise rules`)."""
     out = []
@@ -53,7 +60,7 @@ def describe_rules() -> list[dict[str, Any]]:
             "name": name,
             "class": cls.__name__,
             "summary": doc,
-            "fires_when": "statistic <= lam" if cls.direction < 0 else "statistic >= lam",
+            "fires_when": _fires_when(cls),
             "integer_lam": cls.integer,
             "default_lam": cls.default_lam,
         })

@@ -144,7 +144,9 @@ class Stopper:
         """Original row indices still running."""
         return self.rows
 
-    def step(self, batch: StageBatch, *, last: bool = False) -> BoolArray:
+    def step(self, batch: StageBatch, *, last: bool | BoolArray = False) -> BoolArray:
+        """Decide for this stage; ``last`` marks rows (or all rows) at their final stage, which
+        stop whatever the rule says. Returns the stop mask over the rows given."""
         if len(batch) != len(self.rows):
             raise StopwiseError(
                 f"Stopper.step expects outputs for the {len(self.rows)} rows still running. Got {len(batch)} rows."
@@ -154,9 +156,7 @@ class Stopper:
         with np.errstate(divide="ignore", invalid="ignore"):
             self.state, stat = self.rule.update(self.state, batch)
             z = self.rule.direction * np.asarray(stat, dtype=np.float64)
-        stop = np.nan_to_num(z, nan=-np.inf) >= self.t
-        if last:
-            stop = np.ones_like(stop)
+        stop = (np.nan_to_num(z, nan=-np.inf) >= self.t) | np.asarray(last, dtype=bool)
         keep = ~stop
         self.state = self.rule.select_state(self.state, keep)
         self.rows = self.rows[keep]

@@ -1,0 +1,212 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy.special import betainc
+
+import stopwise as sw
+from stopwise.rules import RULES, describe_rules, make_rule, rule_from_config
+from stopwise.trace import NO_ANSWER, Trace
+
+# -- random traces for the property tests --------------------------------------------------
+
+
+@st.composite
+def traces(draw: st.DrawFn) -> Trace:
+    n = draw(st.integers(1, 12))
+    k = draw(st.integers(1, 9))
+    c = draw(st.integers(2, 4))
+    seed = draw(st.integers(0, 2**31 - 1))
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(1, k + 1, n)
+    mask = np.arange(k)[None, :] < lengths[:, None]
+    logits = rng.normal(size=(n, k, c)) * draw(st.sampled_from([0.5, 2.0, 6.0]))
+    probs = np.exp(logits)
+    probs /= probs.sum(axis=2, keepdims=True)
+    preds = probs.argmax(axis=2)
+    # Sprinkle unparseable answers and repeated predictions so agreement rules fire.
+    preds = np.where(rng.random((n, k)) < 0.1, NO_ANSWER, preds)
+    sat = rng.random((n, k))
+    return Trace(predictions=preds, probs=probs, mask=mask, signals={"saturation": sat})
+
+
+def all_rules() -> list[sw.Rule]:
+    return [
+        sw.MaxProb(), sw.Margin(), sw.Entropy(), sw.Entropy(normalized=True), sw.Saturation(),
+        sw.Signal(signal="saturation", stop_when="low"), sw.Patience(), sw.WindowAgreement(window=2),
+        sw.BetaPosterior(), sw.Betting(), sw.Betting(leader="mode", p0=0.3), sw.Budget(),
+        sw.MinStage(sw.MaxProb(), min_stages=2),
+        sw.AnyOf(sw.MaxProb(), sw.Budget(lam=3)), sw.AllOf(sw.Margin(), sw.Patience(lam=1)),
+        sw.StageThresholds(sw.MaxProb(), thresholds=[0.99, 0.8, 0.6, np.inf, 0.5]),
+    ]
+
+
+def online_halts(trace: Trace, rule: sw.Rule, lam: float) -> np.ndarray:
+    """Feed the trace stage by stage to a shrinking batch, as an adapter would."""
+    stopper = rule.stopper(trace.n, lam)
+    halts = np.full(trace.n, -1)
+    for k in range(trace.n_stages):
+        rows = stopper.active
+        if rows.size == 0:
+            break
+        stop = stopper.step(trace.stage(k, rows), last=trace.lengths[rows] - 1 == k)
+        halts[rows[stop]] = k
+    return halts
+
+
+@settings(max_examples=60, deadline=None)
+@given(trace=traces(), q=st.floats(0.0, 1.0))
+def test_online_and_offline_decide_alike(trace: Trace, q: float) -> None:
+    for rule in all_rules():
+        z = rule.z(trace)
+        finite = z[np.isfinite(z)]
+        # A λ at an observed value of the statistic exercises ties (>= vs >).
+        t = float(np.quantile(finite, q)) if finite.size else 0.0
+        lam = rule.lam_from_threshold(t) if rule.free else None
+        offline = rule.halts(trace, lam)
+        online = online_halts(trace, rule, lam)
+        np.testing.assert_array_equal(offline, online, err_msg=repr(rule))
+        assert (offline < trace.lengths).all()
+
+
+@settings(max_examples=40, deadline=None)
+@given(trace=traces())
+def test_halts_move_later_as_lambda_gets_more_conservative(trace: Trace) -> None:
+    for rule in all_rules():
+        if not rule.free:
+            continue
+        z = rule.z(trace)
+        ts = np.unique(np.concatenate([z[np.isfinite(z)], [-np.inf, np.inf]]))
+        previous = np.zeros(trace.n, dtype=np.int64)
+        for t in ts:
+            h = rule.halts(trace, rule.lam_from_threshold(t)) if np.isfinite(t) else None
+            if h is None:
+                continue
+            assert (h >= previous).all(), repr(rule)
+            previous = h
+
+
+def toy(preds: list[list[int]], probs: list[list[list[float]]] | None = None) -> Trace:
+    return Trace(predictions=np.array(preds), probs=None if probs is None else np.array(probs))
+
+
+def test_max_prob_margin_entropy_values() -> None:
+    t = toy([[0, 1]], [[[0.7, 0.2, 0.1], [0.1, 0.5, 0.4]]])
+    np.testing.assert_allclose(sw.MaxProb().z(t), [[0.7, 0.5]])
+    np.testing.assert_allclose(sw.Margin().z(t), [[0.5, 0.1]])
+    h = -(np.array([0.7, 0.2, 0.1]) * np.log([0.7, 0.2, 0.1])).sum()
+    np.testing.assert_allclose(-sw.Entropy().z(t)[0, 0], h)
+    np.testing.assert_allclose(-sw.Entropy(normalized=True).z(t)[0, 0], h / np.log(3))
+    assert sw.MaxProb().halts(t, 0.6).tolist() == [0]
+    assert sw.MaxProb().halts(t, 0.8).tolist() == [1]  # never fires: last stage
+    assert sw.Entropy().halts(t, h + 1e-9).tolist() == [0]
+
+
+def test_patience_counts_unchanged_predictions_like_pabee() -> None:
+    t = toy([[3, 1, 1, 1, 2, 2]])
+    np.testing.assert_array_equal(sw.Patience().z(t), [[0, 0, 1, 2, 0, 1]])
+    assert sw.Patience().halts(t, 2).tolist() == [3]
+    assert sw.Patience().halts(t, 3).tolist() == [5]
+
+
+def test_esc_checks_only_at_window_ends() -> None:
+    t = toy([[5, 5, 5, 5, 1, 5]])
+    z = sw.WindowAgreement(window=3).z(t)
+    assert np.isneginf(z[0, [0, 1, 3, 4]]).all()
+    np.testing.assert_allclose(z[0, [2, 5]], [1.0, 2 / 3])
+    assert sw.WindowAgreement(window=3).halts(t, 1.0).tolist() == [2]
+
+
+def test_esc_unparseable_answers_never_agree() -> None:
+    t = toy([[NO_ANSWER, NO_ANSWER, 4, 4]])
+    z = sw.WindowAgreement(window=2).z(t)
+    np.testing.assert_allclose(z[0, [1, 3]], [0.0, 1.0])
+
+
+def test_beta_posterior_matches_adaptive_consistency_formula() -> None:
+    t = toy([[1, 1, 2, 1, 3, 1]])
+    z = sw.BetaPosterior().z(t)
+    counts = [(1, 0), (2, 0), (2, 1), (3, 1), (3, 1), (4, 1)]
+    expected = [1 - betainc(a + 1, b + 1, 0.5) for a, b in counts]
+    np.testing.assert_allclose(z[0], expected)
+
+
+def test_betting_wealth_and_ville_threshold() -> None:
+    t = toy([[2, 2, 2, 2, 2, 2]])
+    rule = sw.Betting(p0=0.5, kappa=1.0)
+    # Each agreement multiplies wealth by 1 + 1 * (1 - 0.5) = 1.5.
+    np.testing.assert_allclose(-rule.z(t)[0], [1.0] + [1.5 ** -k for k in range(1, 6)])
+    # 1.5^k >= 1/0.2 = 5 first at k = 4 (stage index 4).
+    assert rule.halts(t, 0.2).tolist() == [4]
+
+
+def test_betting_never_fires_on_a_fair_coin_more_than_alpha() -> None:
+    rng = np.random.default_rng(0)
+    # Under the null (agreement with the previous stage has probability 1/2) the sup of the
+    # wealth crosses 1/alpha with probability <= alpha (Ville), even with 64 looks.
+    preds = rng.integers(0, 2, size=(4000, 64))
+    t = Trace(predictions=preds)
+    fired = sw.Betting(p0=0.5).halts(t, 0.1) < 63
+    assert fired.mean() <= 0.1 + 3 * np.sqrt(0.1 * 0.9 / 4000)
+
+
+def test_budget_min_stage_and_combinations() -> None:
+    t = toy([[0, 0, 0, 0]], [[[0.99, 0.01]] * 4])
+    assert sw.Budget().halts(t, 3).tolist() == [2]
+    assert sw.MinStage(sw.MaxProb(), min_stages=3).halts(t, 0.9).tolist() == [2]
+    assert sw.AnyOf(sw.MaxProb(lam=0.999), sw.Budget()).halts(t, 2).tolist() == [1]
+    assert sw.AllOf(sw.MaxProb(), sw.Budget(lam=4)).halts(t, 0.5).tolist() == [3]
+
+
+def test_uncalibrated_rule_without_lambda_says_how_to_get_one() -> None:
+    t = toy([[0, 0]], [[[0.9, 0.1]] * 2])
+    with pytest.raises(sw.StopwiseError, match="has no λ"):
+        sw.MaxProb().halts(t)
+    assert sw.MaxProb(lam=0.5).halts(t).tolist() == [0]
+
+
+def test_stopper_rejects_wrong_batch_sizes_and_stage_order() -> None:
+    t = toy([[0, 0], [1, 1]], [[[0.9, 0.1]] * 2, [[0.4, 0.6]] * 2])
+    stopper = sw.MaxProb().stopper(2, 0.8)
+    assert stopper.step(t.stage(0)).tolist() == [True, False]
+    with pytest.raises(sw.StopwiseError, match="rows still running"):
+        stopper.step(t.stage(1))
+    with pytest.raises(sw.StopwiseError, match="stage 1 next"):
+        stopper.step(t.stage(0, np.array([1])))
+
+
+def test_rules_need_their_inputs() -> None:
+    t = toy([[0, 1]])
+    with pytest.raises(sw.StopwiseError, match="needs class probabilities"):
+        sw.MaxProb().halts(t, 0.5)
+    with pytest.raises(sw.StopwiseError, match="needs the signal 'saturation'"):
+        sw.Saturation().halts(t, 0.5)
+
+
+def test_registry_configs_round_trip_and_unknown_names() -> None:
+    for rule in all_rules():
+        back = rule_from_config(rule.to_config())
+        assert repr(back) == repr(rule)
+    with pytest.raises(sw.StopwiseError, match="Unknown rule 'nope'"):
+        make_rule("nope")
+    names = {row["name"] for row in describe_rules()}
+    assert names == set(RULES)
+
+
+@pytest.mark.parametrize(
+    ("factory", "message"),
+    [
+        (lambda: sw.WindowAgreement(window=0), "'window' parameter"),
+        (lambda: sw.Betting(p0=1.5), "'p0' parameter"),
+        (lambda: sw.Betting(leader="x"), "'leader' parameter"),
+        (lambda: sw.Signal(signal="s", stop_when="up"), "'stop_when' parameter"),
+        (lambda: sw.MinStage(sw.MaxProb(), min_stages=0), "'min_stages' parameter"),
+        (lambda: sw.MaxProb(lam="high"), "'lam' parameter"),
+        (lambda: sw.AnyOf(sw.MaxProb(), sw.Entropy()), "one direction"),
+    ],
+)
+def test_bad_rule_parameters(factory, message) -> None:
+    with pytest.raises(sw.StopwiseError, match=message):
+        factory()
