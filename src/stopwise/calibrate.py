@@ -31,6 +31,8 @@ from stopwise.rules import Rule, halts_from_z
 from stopwise.trace import FloatArray, IntArray, Trace
 
 METHODS = ("ltt", "crc", "conditional")
+#: λ values whose WSR p-values are computed together (memory: WSR_CHUNK x n floats).
+WSR_CHUNK = 64
 
 
 @dataclass(frozen=True)
@@ -82,7 +84,7 @@ def table(trace: Trace, rule: Rule, risk: Risk | str = "gap", *, grid: int | Flo
     order = slice(None, None, -1)  # ascending t -> conservative first
     n_eff = sums["n"] if risk.selective else np.full(t.size, float(trace.n))
     return Table(
-        lam=np.array([rule.lam_from_threshold(x) for x in t[order]]),
+        lam=rule.sign() * t[order],
         t=t[order],
         risk=(sums["loss"] / np.maximum(n_eff, 1))[order],
         loss_sum=sums["loss"][order],
@@ -200,15 +202,20 @@ def _p_values(trace: Trace, rule: Rule, risk: Risk, loss: FloatArray, z: FloatAr
               eps: float, delta: float, pvalue: str, fwer: str) -> FloatArray:
     if pvalue != "wsr":
         return np.asarray(_pv.SUM_PVALUES[pvalue](tab.loss_sum, tab.n_eff, eps), dtype=np.float64)
-    # WSR needs each λ's loss vector; fixed-sequence stops at the first failure, so go lazily.
+    # WSR needs each λ's loss vector: go in chunks, and stop early for fixed-sequence.
     p = np.ones(tab.t.size)
-    for j, t in enumerate(tab.t):
-        halts = halts_from_z(z, trace.lengths, t)
-        losses = loss[np.arange(trace.n), halts]
+    rows = np.arange(trace.n)
+    for start in range(0, tab.t.size, WSR_CHUNK):
+        ts = tab.t[start : start + WSR_CHUNK]
+        halts = np.stack([halts_from_z(z, trace.lengths, t) for t in ts])
+        losses = loss[rows[None, :], halts]
         if risk.selective:
-            losses = losses[halts < trace.lengths - 1]
-        p[j] = _pv.wsr(losses, eps, delta)
-        if fwer == "fixed_sequence" and p[j] > delta:
+            early = halts < trace.lengths[None, :] - 1
+            for j in range(ts.size):
+                p[start + j] = float(_pv.wsr(losses[j][early[j]], eps, delta))
+        else:
+            p[start : start + ts.size] = _pv.wsr(losses, eps, delta)
+        if fwer == "fixed_sequence" and (p[start : start + ts.size] > delta).any():
             break
     return p
 

@@ -6,10 +6,12 @@ for it. Here each stage t gets its own threshold λ_t, and the guarantee is, wit
 >= 1 - δ, for every stage t: risk among the inputs halted by stage t <= ε.
 
 Two stages on disjoint halves of the calibration set:
-1. screening (first half): walk the stages in order; for stage t pick the most aggressive λ_t
-   whose p-value on this half, at the stricter level ``SCREEN_SLACK * ε``, is <= δ, given the
-   thresholds already chosen; a stage with none gets "never stop here". The slack makes the
-   chosen thresholds likely to pass again on fresh data; it does not affect validity.
+1. screening (first half): walk the stages in order; for stage t walk the grid from conservative
+   to aggressive and keep the last λ_t before the first whose p-value on this half, at the
+   stricter ``SCREEN_SLACK * ε``, exceeds ``SCREEN_DELTA * δ`` (given the thresholds already
+   chosen; thresholds stopping too few inputs are skipped); a stage with none gets "never stop
+   here". The slack makes the thresholds likely to pass again on fresh data; it does not affect
+   validity, which rests on step 2 alone.
 2. testing (second half): fixed-sequence over the opened stages in stage order,
    H_t: "accumulated risk among inputs halted by stage t > ε", p-value on the inputs halted by t.
    At the first failure that stage and all later ones are closed (never stop there). The
@@ -30,8 +32,10 @@ from stopwise.risks import Risk
 from stopwise.rules import Rule, StageThresholds
 from stopwise.trace import FloatArray, IntArray, Trace
 
-#: Screening asks for risk <= SCREEN_SLACK * ε on the first half, so that testing passes.
+#: Screening asks for stronger evidence (risk <= SCREEN_SLACK * ε at level SCREEN_DELTA * δ) on
+#: the first half than testing does on the second, so that the chosen thresholds pass there.
 SCREEN_SLACK = 0.8
+SCREEN_DELTA = 0.2
 
 
 def _halts(z: FloatArray, lengths: IntArray, t_stage: FloatArray) -> IntArray:
@@ -69,25 +73,34 @@ def calibrate_conditional(trace: Trace, rule: Rule, *, epsilon: float, delta: fl
     k = trace.n_stages
     t_stage = np.full(k, np.inf)
 
-    def accumulated_p(rows: IntArray, stage: int, ts: FloatArray, level: float) -> float:
+    # A stage whose accumulated set is small on half a would likely fail on half b and close
+    # every later stage with it: open it only with a comfortable count.
+    min_count = 2 * _pv.min_calibration_size(eps, delta, pvalue)
+
+    def accumulated_p(rows: IntArray, stage: int, ts: FloatArray, level: float) -> tuple[float, int]:
         h = _halts(z[rows], lengths[rows], ts)
         s, m = _accumulated(loss[rows], h, lengths[rows], stage)
         if pvalue == "wsr":
             by = (h <= stage) & (h < lengths[rows] - 1)
-            return _pv.wsr(loss[rows][np.arange(len(rows)), h][by], level, delta)
-        return float(_pv.SUM_PVALUES[pvalue](np.asarray([s]), m, level)[0])
+            return float(_pv.wsr(loss[rows][np.arange(len(rows)), h][by], level, delta)), m
+        return float(_pv.SUM_PVALUES[pvalue](np.asarray([s]), m, level)[0]), m
 
-    # 1. screening on half a: most aggressive threshold per stage that passes with slack.
+    # 1. screening on half a: per stage, walk from conservative to aggressive and keep the last
+    # threshold before the first failure (the first that fails is where risk starts to climb;
+    # taking the best of all grid points instead would overfit half a).
     for stage in range(k - 1):
-        for t in grid_t:  # ascending = most aggressive first
-            trial = t_stage.copy()
+        trial = t_stage.copy()
+        for t in grid_t[::-1]:
             trial[stage] = t
-            if accumulated_p(a, stage, trial, SCREEN_SLACK * eps) <= delta:
-                t_stage[stage] = t
+            p, m = accumulated_p(a, stage, trial, SCREEN_SLACK * eps)
+            if m < min_count:
+                continue
+            if p > SCREEN_DELTA * delta:
                 break
+            t_stage[stage] = t
     # 2. fixed-sequence testing on half b over the opened stages, in order.
     for stage in np.flatnonzero(np.isfinite(t_stage)):
-        if accumulated_p(b, stage, t_stage, eps) > delta:
+        if accumulated_p(b, stage, t_stage, eps)[0] > delta:
             t_stage[stage:] = np.inf
             break
     thresholds = [None if not np.isfinite(t) else free.lam_from_threshold(t) for t in t_stage]

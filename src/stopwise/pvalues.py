@@ -17,7 +17,7 @@ from collections.abc import Callable
 import numpy as np
 import numpy.typing as npt
 from scipy import stats
-from scipy.special import xlogy
+from scipy.special import bdtr, xlogy
 
 Arr = npt.NDArray[np.float64]
 
@@ -34,7 +34,8 @@ def binomial(loss_sum: Arr, n: Arr | int, epsilon: float) -> Arr:
     """
     k = np.floor(np.asarray(loss_sum, dtype=np.float64) + 1e-9)
     n_arr = np.asarray(n, dtype=np.float64)
-    return np.where(n_arr > 0, stats.binom.cdf(k, np.maximum(n_arr, 1), epsilon), 1.0)
+    n_int = np.maximum(n_arr, 1).astype(np.int64)
+    return np.where(n_arr > 0, bdtr(np.minimum(k, n_int).astype(np.int64), n_int, epsilon), 1.0)
 
 
 def hoeffding(loss_sum: Arr, n: Arr | int, epsilon: float) -> Arr:
@@ -49,7 +50,8 @@ def bentkus(loss_sum: Arr, n: Arr | int, epsilon: float) -> Arr:
     """e · P(Binomial(n, ε) <= ⌈n·R̂⌉) for losses in [0, 1] (Bentkus 2004; LTT, Prop. B.2)."""
     n_arr = np.asarray(n, dtype=np.float64)
     k = np.ceil(np.asarray(loss_sum, dtype=np.float64) - 1e-9)
-    p = np.e * stats.binom.cdf(k, np.maximum(n_arr, 1), epsilon)
+    n_int = np.maximum(n_arr, 1).astype(np.int64)
+    p = np.e * bdtr(np.minimum(k, n_int).astype(np.int64), n_int, epsilon)
     return np.where(n_arr > 0, np.minimum(p, 1.0), 1.0)
 
 
@@ -58,28 +60,32 @@ def hoeffding_bentkus(loss_sum: Arr, n: Arr | int, epsilon: float) -> Arr:
     return np.minimum(hoeffding(loss_sum, n, epsilon), bentkus(loss_sum, n, epsilon))
 
 
-def wsr(losses: Arr, epsilon: float, delta: float, *, seed: int = 0) -> float:
+def wsr(losses: Arr, epsilon: float, delta: float, *, seed: int = 0) -> Arr | float:
     """Betting p-value (Waudby-Smith & Ramdas 2023, as in LTT App. B.3) for losses in [0, 1].
 
     Wealth K_t = prod_i (1 + ν_i (ε - L_i)) with the predictable bet
     ν_i = min(1, sqrt(2 log(1/δ) / (n σ̂²_{i-1}))) is a nonnegative supermartingale when
     E[L] >= ε, so p = min(1, 1 / max_t K_t) by Ville's inequality. The losses are visited in a
-    seeded random order, since the bound depends on the order.
+    seeded random order, since the bound depends on the order. ``losses`` may be 2-D
+    (one row per candidate λ, same visiting order for all rows): then one p-value per row.
     """
     x = np.asarray(losses, dtype=np.float64)
-    n = x.size
+    single = x.ndim == 1
+    x = np.atleast_2d(x)
+    n = x.shape[1]
     if n == 0:
-        return 1.0
-    x = x[np.random.default_rng(seed).permutation(n)]
+        return 1.0 if single else np.ones(x.shape[0])
+    x = x[:, np.random.default_rng(seed).permutation(n)]
     t = np.arange(1, n + 1, dtype=np.float64)
-    mu_hat = (0.5 + np.cumsum(x)) / (t + 1.0)
-    sigma2 = (0.25 + np.cumsum((x - mu_hat) ** 2)) / (t + 1.0)
-    sigma2_prev = np.concatenate([[0.25], sigma2[:-1]])
+    mu_hat = (0.5 + np.cumsum(x, axis=1)) / (t + 1.0)
+    sigma2 = (0.25 + np.cumsum((x - mu_hat) ** 2, axis=1)) / (t + 1.0)
+    sigma2_prev = np.concatenate([np.full((x.shape[0], 1), 0.25), sigma2[:, :-1]], axis=1)
     nu = np.minimum(1.0, np.sqrt(2.0 * np.log(1.0 / delta) / (n * sigma2_prev)))
     # Keep each factor positive: 1 + ν (ε - 1) > 0 needs ν < 1 / (1 - ε).
     nu = np.minimum(nu, 0.999 / (1.0 - epsilon))
-    log_k = np.cumsum(np.log1p(nu * (epsilon - x)))
-    return float(min(1.0, np.exp(-log_k.max())))
+    log_k = np.cumsum(np.log1p(nu * (epsilon - x)), axis=1)
+    p = np.minimum(1.0, np.exp(-log_k.max(axis=1)))
+    return float(p[0]) if single else p
 
 
 SumPValue = Callable[[Arr, "Arr | int", float], Arr]
@@ -103,10 +109,10 @@ def min_calibration_size(epsilon: float, delta: float, pvalue: str = "binomial")
     if pvalue == "wsr":
         # ν_1 .. ν_n on zero losses: a conservative closed form is hard; search instead.
         n = 1
-        while wsr(np.zeros(n), epsilon, delta) > delta:
+        while float(wsr(np.zeros(n), epsilon, delta)) > delta:
             n = int(n * 1.25) + 1
         lo = max(1, int(n / 1.25) - 1)
-        while wsr(np.zeros(lo), epsilon, delta) > delta:
+        while float(wsr(np.zeros(lo), epsilon, delta)) > delta:
             lo += 1
         return lo
     return int(np.ceil(np.log(delta / factor) / np.log1p(-epsilon)))
@@ -117,6 +123,10 @@ def upper_bound(loss_sum: float, n: int, delta: float, pvalue: str, losses: Arr 
     p-value is <= δ, found by bisection (p-values fall as ε grows)."""
     if n == 0:
         return 1.0
+    if pvalue == "binomial":
+        # Clopper-Pearson: the exact inversion of the binomial tail.
+        k = int(np.floor(loss_sum + 1e-9))
+        return 1.0 if k >= n else float(stats.beta.ppf(1.0 - delta, k + 1, n - k))
     lo, hi = 0.0, 1.0
     for _ in range(50):
         mid = 0.5 * (lo + hi)
@@ -124,7 +134,7 @@ def upper_bound(loss_sum: float, n: int, delta: float, pvalue: str, losses: Arr 
             break
         if pvalue == "wsr":
             assert losses is not None
-            p = wsr(losses, mid, delta)
+            p = float(wsr(losses, mid, delta))
         else:
             p = float(SUM_PVALUES[pvalue](np.asarray([loss_sum]), n, mid)[0])
         if p <= delta:
