@@ -119,6 +119,7 @@ class Trace:
                 f"(stages exist from 0 up to that input's last). Row {bad} is {mask[bad].astype(int).tolist()}."
             )
         set_(self, "mask", mask)
+        set_(self, "_lengths", lengths.astype(np.int64))
         set_(self, "cost", self._check_cost(n, k))
         ref = self.predictions[np.arange(n), lengths - 1] if self.reference is None else self.reference
         set_(self, "reference", self._check_vector("reference", ref, n))
@@ -199,8 +200,9 @@ class Trace:
 
     @property
     def lengths(self) -> IntArray:
-        assert self.mask is not None
-        return self.mask.sum(axis=1).astype(np.int64)
+        """Number of existing stages per input (computed once: traces are immutable)."""
+        lengths: IntArray = self.__dict__["_lengths"]
+        return lengths
 
     @property
     def cost_matrix(self) -> FloatArray:
@@ -221,14 +223,21 @@ class Trace:
 
     def stage(self, k: int, rows: IntArray | None = None) -> StageBatch:
         """The column for stage k (for the rows given), as an online stopper would see it."""
-        rows = np.arange(self.n) if rows is None else rows
+        sel: Any = slice(None) if rows is None else rows
         return StageBatch(
             index=k,
-            predictions=self.predictions[rows, k],
-            probs=None if self.probs is None else self.probs[rows, k].astype(np.float64),
-            signals={name: v[rows, k] for name, v in self.signals.items()},
-            cost=self.cost_matrix[rows, k],
+            predictions=self.predictions[sel, k],
+            probs=None if self.probs is None else self.probs[sel, k].astype(np.float64),
+            signals={name: v[sel, k] for name, v in self.signals.items()},
+            cost=self.cost_matrix[sel, k],
         )
+
+    @property
+    def full(self) -> bool:
+        """True when every input has all K stages (no masked stages)."""
+        if "_full" not in self.__dict__:
+            object.__setattr__(self, "_full", bool(self.lengths.min(initial=self.n_stages) == self.n_stages))
+        return bool(self.__dict__["_full"])
 
     # -- selection -----------------------------------------------------------------------
     def __getitem__(self, index: Any) -> Trace:

@@ -10,7 +10,7 @@ from scipy.special import betainc
 
 from stopwise._errors import check_choice, check_int, param_error
 from stopwise.rules.base import Rule, State
-from stopwise.trace import NO_ANSWER, FloatArray, IntArray, StageBatch
+from stopwise.trace import NO_ANSWER, FloatArray, IntArray, StageBatch, Trace
 
 
 class Patience(Rule):
@@ -33,6 +33,15 @@ class Patience(Rule):
         same = (pred == last) & (pred != NO_ANSWER)
         run = np.where(same, run + 1, 0)
         return (pred.copy(), run), run.astype(np.float64)
+
+    def statistic_all(self, trace: Trace, rows: slice) -> FloatArray | None:
+        # Stage-major copy of the block: each stage is then one short contiguous vector op.
+        q = np.ascontiguousarray(trace.predictions[rows].T)
+        out = np.zeros(q.shape, dtype=np.float64)
+        for k in range(1, q.shape[0]):
+            same = (q[k] == q[k - 1]) & (q[k] != NO_ANSWER)
+            np.multiply(out[k - 1] + 1.0, same, out=out[k])
+        return out.T
 
 
 def _history_append(state: State, pred: IntArray) -> IntArray:

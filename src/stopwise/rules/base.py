@@ -22,6 +22,8 @@ from stopwise._errors import StopwiseError
 from stopwise.trace import BoolArray, FloatArray, IntArray, StageBatch, Trace
 
 State = Any
+#: Rows per block in offline halting.
+HALT_BLOCK = 1 << 14
 
 
 class Rule(ABC):
@@ -68,18 +70,32 @@ class Rule(ABC):
         """A copy of this rule with λ set (None: free)."""
         return type(self)(lam=lam, **self.params())
 
-    def z(self, trace: Trace) -> FloatArray:
-        """(n, K) statistic oriented so that a rule fires when z >= t; -inf on missing stages."""
-        state = self.init_state(trace.n)
-        out = np.empty((trace.n, trace.n_stages), dtype=np.float64)
+    def statistic_all(self, trace: Trace, rows: slice) -> FloatArray | None:
+        """Optional vectorised statistic for all stages of ``trace[rows]`` at once; None: loop
+        over update(). Overrides must agree with :meth:`update` (the property tests check)."""
+        return None
+
+    def z(self, trace: Trace, rows: slice | None = None) -> FloatArray:
+        """(n, K) statistic oriented so that a rule fires when z >= t; -inf on missing stages.
+
+        ``rows`` restricts the computation to a contiguous block of inputs."""
+        sel = slice(None) if rows is None else rows
+        n = len(range(*sel.indices(trace.n)))
         with np.errstate(divide="ignore", invalid="ignore"):
-            for k in range(trace.n_stages):
-                state, stat = self.update(state, trace.stage(k))
-                out[:, k] = stat
-        out *= self.direction
-        out[np.isnan(out)] = -np.inf
-        assert trace.mask is not None
-        out[~trace.mask] = -np.inf
+            stat = self.statistic_all(trace, sel)
+            if stat is None:
+                state = self.init_state(n)
+                stat = np.empty((n, trace.n_stages), dtype=np.float64)
+                for k in range(trace.n_stages):
+                    state, stat[:, k] = self.update(state, trace.stage(k, sel))  # type: ignore[arg-type]
+            out = np.empty((n, trace.n_stages), dtype=np.float64)
+            np.multiply(stat, self.direction, out=out)
+        nan = np.isnan(out)
+        if nan.any():
+            out[nan] = -np.inf
+        if not trace.full:
+            assert trace.mask is not None
+            out[~trace.mask[sel]] = -np.inf
         return out
 
     def sign(self) -> int:
@@ -100,7 +116,15 @@ class Rule(ABC):
 
     def halts(self, trace: Trace, lam: float | None = None) -> IntArray:
         """Offline: the stage at which each input stops (its last stage when the rule never fires)."""
-        return halts_from_z(self.z(trace), trace.lengths, self.threshold(lam))
+        t = self.threshold(lam)
+        lengths = trace.lengths
+        out = np.empty(trace.n, dtype=np.int64)
+        # Row blocks: small temporaries are reused by the allocator instead of page-faulting
+        # fresh (n, K) arrays, which dominates the cost on large traces.
+        for start in range(0, trace.n, HALT_BLOCK):
+            sel = slice(start, start + HALT_BLOCK)
+            out[sel] = halts_from_z(self.z(trace, sel), lengths[sel], t)
+        return out
 
     def stopper(self, n: int, lam: float | None = None) -> Stopper:
         """Online: a stopper for a batch of n rows fed one stage at a time."""

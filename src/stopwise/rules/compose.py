@@ -14,7 +14,7 @@ import numpy as np
 
 from stopwise._errors import StopwiseError, check_int
 from stopwise.rules.base import Rule, State
-from stopwise.trace import BoolArray, FloatArray, IntArray, StageBatch
+from stopwise.trace import BoolArray, FloatArray, IntArray, StageBatch, Trace
 
 
 class Budget(Rule):
@@ -25,6 +25,10 @@ class Budget(Rule):
 
     def update(self, state: State, batch: StageBatch) -> tuple[State, FloatArray]:
         return state, np.full(len(batch), batch.index + 1.0)
+
+    def statistic_all(self, trace: Trace, rows: slice) -> FloatArray | None:
+        n = len(range(*rows.indices(trace.n)))
+        return np.broadcast_to(np.arange(1.0, trace.n_stages + 1.0), (n, trace.n_stages))
 
 
 class Never(Rule):

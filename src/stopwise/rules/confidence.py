@@ -8,7 +8,7 @@ import numpy as np
 
 from stopwise._errors import StopwiseError, check_choice
 from stopwise.rules.base import Rule, State
-from stopwise.trace import FloatArray, StageBatch
+from stopwise.trace import FloatArray, StageBatch, Trace
 
 
 def _probs(batch: StageBatch, rule: Rule, signal: str) -> FloatArray | None:
@@ -28,6 +28,12 @@ class MaxProb(Rule):
 
     name = "max_prob"
     default_lam = 0.9
+
+    def statistic_all(self, trace: Trace, rows: slice) -> FloatArray | None:
+        if trace.probs is None:
+            sig = trace.signals.get("max_prob")
+            return None if sig is None else sig[rows]
+        return trace.probs[rows].max(axis=2)
 
     def update(self, state: State, batch: StageBatch) -> tuple[State, FloatArray]:
         p = _probs(batch, self, "max_prob")
@@ -100,6 +106,12 @@ class Signal(Rule):
             )
         value = batch.signals[self.signal]
         return state, value if self.stop_when == "high" else -value
+
+    def statistic_all(self, trace: Trace, rows: slice) -> FloatArray | None:
+        value = trace.signals.get(self.signal)
+        if value is None:
+            return None  # update() raises the helpful error
+        return value[rows] if self.stop_when == "high" else -value[rows]
 
 
 class Saturation(Signal):
