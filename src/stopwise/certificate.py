@@ -128,7 +128,11 @@ class Certificate:
         path = Path(path)
         if not path.is_file():
             raise StopwiseError(f"Certificate file '{path}' does not exist.")
-        return cls.from_json(path.read_text())
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise StopwiseError(f"'{path}' is not a stopwise certificate (invalid JSON: not UTF-8 text).") from None
+        return cls.from_json(text)
 
     def __str__(self) -> str:
         rule = self.rule.get("name", "?")

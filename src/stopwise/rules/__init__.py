@@ -61,7 +61,7 @@ def describe_rules() -> list[dict[str, Any]]:
             "class": cls.__name__,
             "summary": doc,
             "fires_when": _fires_when(cls),
-            "integer_lam": cls.integer,
+            "integer_lam": cls.integer if isinstance(cls.integer, bool) else "per wrapped rule",
             "default_lam": cls.default_lam,
         })
     return out
