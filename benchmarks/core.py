@@ -84,7 +84,7 @@ def bench_price(repeats: int, n_cal: int) -> dict[str, float]:
     z = rule.z(population)
     rng = np.random.default_rng(0)
     ratios = []
-    for r in range(repeats):
+    for _r in range(repeats):
         cal = pool[np.sort(rng.choice(pool.n, n_cal, replace=False))]
         cert = sw.calibrate(cal, rule, epsilon=eps, delta=0.1)
         halts = sw.rules.halts_from_z(z, population.lengths, cert.make_rule().threshold()) if cert.certified else population.lengths - 1

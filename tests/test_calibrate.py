@@ -21,7 +21,7 @@ def test_table_equals_brute_force_over_lambda(trace: sw.Trace, rule: sw.Rule, ri
     small = trace[:400]
     tab = table(small, rule, risk, grid=50)
     loss = sw.make_risk(risk).loss_matrix(small)
-    for lam, r, cost, n_eff in zip(tab.lam, tab.risk, tab.cost, tab.n_eff):
+    for lam, r, cost, n_eff in zip(tab.lam, tab.risk, tab.cost, tab.n_eff, strict=False):
         halts = rule.halts(small, lam)
         at = loss[np.arange(small.n), halts]
         if risk == "selective":
@@ -42,7 +42,7 @@ def test_table_handles_ragged_traces_and_per_input_costs() -> None:
     probs = rng.dirichlet(np.ones(3), size=(n, k))
     t = sw.Trace(predictions=probs.argmax(2), probs=probs, mask=mask, cost=cost)
     tab = table(t, sw.MaxProb(), grid=30)
-    for lam, r, c in zip(tab.lam, tab.risk, tab.cost):
+    for lam, r, c in zip(tab.lam, tab.risk, tab.cost, strict=False):
         h = sw.MaxProb().halts(t, lam)
         assert r == pytest.approx((t.predictions_at(h) != t.reference).mean())
         assert c == pytest.approx(t.cost_at(h).mean())

@@ -4,10 +4,8 @@ import json
 import subprocess
 import sys
 
-
 import pytest
 
-import stopwise as sw
 from stopwise.cli import main
 from stopwise.synthetic import synthetic_trace
 

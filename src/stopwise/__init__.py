@@ -12,8 +12,24 @@ from stopwise.calibrate import calibrate, evaluate, table
 from stopwise.certificate import Certificate
 from stopwise.risks import AccuracyDrop, Gap, LossMatrix, Risk, Selective, make_risk
 from stopwise.rules import (
-    AllOf, AnyOf, BetaPosterior, Betting, Budget, Entropy, Margin, MaxProb, MinStage, Never,
-    Patience, Rule, Saturation, Signal, StageThresholds, Stopper, WindowAgreement, make_rule,
+    AllOf,
+    AnyOf,
+    BetaPosterior,
+    Betting,
+    Budget,
+    Entropy,
+    Margin,
+    MaxProb,
+    MinStage,
+    Never,
+    Patience,
+    Rule,
+    Saturation,
+    Signal,
+    StageThresholds,
+    Stopper,
+    WindowAgreement,
+    make_rule,
 )
 from stopwise.trace import NO_ANSWER, StageBatch, Trace, hash_answers
 

@@ -14,10 +14,10 @@ Three methods:
 
 from __future__ import annotations
 
+import datetime as _dt
 from dataclasses import dataclass
 from typing import Any
 
-import datetime as _dt
 import numpy as np
 
 from stopwise import fwer as _fwer
@@ -57,7 +57,7 @@ def oracle_halts(loss: FloatArray, lengths: IntArray) -> IntArray:
     n = loss.shape[0]
     final = loss[np.arange(n), lengths - 1]
     ok = (loss <= final[:, None] + 1e-12) & (np.arange(loss.shape[1])[None, :] < lengths[:, None])
-    return ok.argmax(axis=1).astype(np.int64)
+    return np.asarray(ok.argmax(axis=1), dtype=np.int64)
 
 
 def table(trace: Trace, rule: Rule, risk: Risk | str = "gap", *, grid: int | FloatArray = 1000,

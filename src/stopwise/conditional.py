@@ -99,7 +99,8 @@ def calibrate_conditional(trace: Trace, rule: Rule, *, epsilon: float, delta: fl
                 break
             t_stage[stage] = t
     # 2. fixed-sequence testing on half b over the opened stages, in order.
-    for stage in np.flatnonzero(np.isfinite(t_stage)):
+    for opened_stage in np.flatnonzero(np.isfinite(t_stage)):
+        stage = int(opened_stage)
         if accumulated_p(b, stage, t_stage, eps)[0] > delta:
             t_stage[stage:] = np.inf
             break

@@ -41,12 +41,12 @@ def halt_sums(z: FloatArray, lengths: IntArray, t_grid: FloatArray, values: dict
     beyond = np.arange(k - 1)[None, :] >= (lengths - 1)[:, None]
     b[beyond] = g  # stages past the last existing one never take over
     flat_b = b.ravel()
-    sums = {}
+    sums: dict[str, FloatArray] = {}
     for name, v in values.items():
         delta = (v[:, 1:] - v[:, :-1]).ravel()
         diff = np.bincount(flat_b, weights=delta, minlength=g + 1)[:g]
         diff[0] += v[:, 0].sum()
-        sums[name] = np.cumsum(diff)
+        sums[name] = np.cumsum(diff, dtype=np.float64)
     return Curves(t=t_grid, sums=sums)
 
 

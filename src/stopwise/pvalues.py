@@ -24,7 +24,8 @@ Arr = npt.NDArray[np.float64]
 
 def _h1(a: Arr, b: float) -> Arr:
     """Kullback-Leibler divergence between Bernoulli(a) and Bernoulli(b)."""
-    return xlogy(a, a / b) + xlogy(1.0 - a, (1.0 - a) / (1.0 - b))
+    out: Arr = xlogy(a, a / b) + xlogy(1.0 - a, (1.0 - a) / (1.0 - b))
+    return out
 
 
 def binomial(loss_sum: Arr, n: Arr | int, epsilon: float) -> Arr:

@@ -47,7 +47,7 @@ class Gap(Risk):
 
     def loss_matrix(self, trace: Trace) -> FloatArray:
         assert trace.reference is not None
-        return (trace.predictions != trace.reference[:, None]).astype(np.float64)
+        return np.asarray(trace.predictions != trace.reference[:, None], dtype=np.float64)
 
 
 def _labels(trace: Trace, who: str) -> np.ndarray:
@@ -70,7 +70,7 @@ class AccuracyDrop(Risk):
         y = _labels(trace, self.name)
         assert trace.reference is not None
         full_right = trace.reference == y
-        return (full_right[:, None] & (trace.predictions != y[:, None])).astype(np.float64)
+        return np.asarray(full_right[:, None] & (trace.predictions != y[:, None]), dtype=np.float64)
 
 
 class LossMatrix(Risk):
@@ -133,7 +133,7 @@ class Selective(Risk):
     def loss_matrix(self, trace: Trace) -> FloatArray:
         target = trace.reference if self.against == "reference" else _labels(trace, self.name)
         assert target is not None
-        return (trace.predictions != target[:, None]).astype(np.float64)
+        return np.asarray(trace.predictions != target[:, None], dtype=np.float64)
 
 
 RISKS: dict[str, type[Risk]] = {cls.name: cls for cls in (Gap, AccuracyDrop, LossMatrix, Selective)}

@@ -176,6 +176,7 @@ class Trace:
             probs = probs.astype(np.float32)
         live = probs[self.mask]
         if not np.isfinite(live).all():
+            assert self.mask is not None
             i, s = np.argwhere(~np.isfinite(probs).all(axis=2) & self.mask)[0]
             raise StopwiseError(f"The 'probs' array of Trace holds NaN or inf at input {i}, stage {s}.")
         sums = live.sum(axis=1, dtype=np.float64)
@@ -342,7 +343,7 @@ class Trace:
         }
         blob = np.frombuffer(json.dumps(header, sort_keys=True).encode(), dtype=np.uint8)
         with open(path, "wb") as fh:
-            np.savez_compressed(fh, __header__=blob, **self._arrays())
+            np.savez_compressed(fh, __header__=blob, **self._arrays())  # type: ignore[arg-type]
         return path
 
     @classmethod

@@ -185,7 +185,8 @@ class Stopper:
         self.state = self.rule.select_state(self.state, keep)
         self.rows = self.rows[keep]
         self.stage += 1
-        return stop
+        result: BoolArray = stop
+        return result
 
 
 def _select(state: State, rows: IntArray | BoolArray) -> State:

@@ -67,12 +67,12 @@ class _Wrapper(Rule):
         return [r.init_state(n) for r in self.rules]
 
     def select_state(self, state: State, rows: IntArray | BoolArray) -> State:
-        return [r.select_state(s, rows) for r, s in zip(self.rules, state)]
+        return [r.select_state(s, rows) for r, s in zip(self.rules, state, strict=False)]
 
     def child_z(self, state: State, batch: StageBatch) -> tuple[State, list[FloatArray], list[BoolArray]]:
         """New states, z of the free children, and the fire decisions of the fixed ones."""
         new_states, free_z, fixed_fire = [], [], []
-        for rule, s in zip(self.rules, state):
+        for rule, s in zip(self.rules, state, strict=False):
             s, stat = rule.update(s, batch)
             z = np.nan_to_num(rule.direction * np.asarray(stat, dtype=np.float64), nan=-np.inf)
             new_states.append(s)
@@ -89,7 +89,9 @@ class _Wrapper(Rule):
         return {"rules": self.rules}
 
     def with_lam(self, lam: float | None) -> Rule:
-        return type(self)(*self.rules, lam=lam)  # type: ignore[call-arg]
+        cls: Any = type(self)
+        rule: Rule = cls(*self.rules, lam=lam)
+        return rule
 
 
 class AnyOf(_Wrapper):

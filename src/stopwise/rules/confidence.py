@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 
@@ -32,8 +32,8 @@ class MaxProb(Rule):
     def statistic_all(self, trace: Trace, rows: slice) -> FloatArray | None:
         if trace.probs is None:
             sig = trace.signals.get("max_prob")
-            return None if sig is None else sig[rows]
-        return trace.probs[rows].max(axis=2)
+            return None if sig is None else np.asarray(sig[rows], dtype=np.float64)
+        return np.asarray(trace.probs[rows].max(axis=2), dtype=np.float64)
 
     def update(self, state: State, batch: StageBatch) -> tuple[State, FloatArray]:
         p = _probs(batch, self, "max_prob")
@@ -83,7 +83,6 @@ class Signal(Rule):
     """Threshold any per-stage signal recorded in the trace, e.g. a learned confidence."""
 
     name = "signal"
-    stop_when: ClassVar[tuple[str, ...]] = ("high", "low")
 
     def __init__(self, *, signal: str, stop_when: str = "high", lam: float | None = None) -> None:
         super().__init__(lam=lam)
