@@ -108,11 +108,14 @@ def population_repeats(pool: Trace, population: Trace, rule: Rule, *, n_cal: int
 
 
 def split_repeats(trace: Trace, rule: Rule, *, n_cal: int, repeats: int, epsilon: float, delta: float = 0.1,
-                  risk: str | Risk = "gap", seed: int = 0, **calibrate_kwargs: Any) -> ValidityResult:
+                  risk: str | Risk = "gap", seed: int = 0, progress: bool = False,
+                  **calibrate_kwargs: Any) -> ValidityResult:
     """Calibrate on a random ``n_cal`` rows of a real trace, measure on the rest, ``repeats`` times."""
+    from tqdm import tqdm
+
     risk_obj = make_risk(risk)
     risks, certified, savings = np.zeros(repeats), np.zeros(repeats), np.zeros(repeats)
-    for r in range(repeats):
+    for r in tqdm(range(repeats), desc="calibrate/test splits", disable=not progress):
         cal, rest = trace.split(n_cal, seed=seed + r)
         cert = calibrate(cal, rule, epsilon=epsilon, delta=delta, risk=risk_obj, seed=r, **calibrate_kwargs)
         risks[r] = risk_of(cert, rest, risk_obj)
