@@ -162,3 +162,20 @@ def test_unknown_certificate_fields_warn_not_crash(trace: sw.Trace) -> None:
     data["from_the_future"] = 1
     with pytest.warns(UserWarning, match="from_the_future"):
         sw.Certificate.from_dict(data)
+
+
+def test_certificate_refuses_traces_of_another_computation(trace: sw.Trace) -> None:
+    tagged = sw.Trace(predictions=trace.predictions, probs=trace.probs, labels=trace.labels, meta={"model": "a"})
+    cert = sw.calibrate(tagged, sw.MaxProb(), epsilon=0.05)
+    other = sw.Trace(predictions=trace.predictions, probs=trace.probs, meta={"model": "b"})
+    with pytest.raises(sw.StopwiseError, match="made for model = 'a'"):
+        cert.check(other)
+    shorter = synthetic_trace(500, stages=5, seed=1)
+    with pytest.raises(sw.StopwiseError, match="8 stages; the trace has 5"):
+        cert.check(shorter)
+
+
+def test_selective_risk_defaults_to_holm(trace: sw.Trace) -> None:
+    cert = sw.calibrate(trace, sw.MaxProb(), epsilon=0.05, risk="selective")
+    assert cert.fwer == "holm" and cert.certified
+    assert sw.calibrate(trace, sw.MaxProb(), epsilon=0.05).fwer == "fixed_sequence"

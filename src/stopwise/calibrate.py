@@ -146,7 +146,7 @@ def calibrate(
     risk: Risk | str = "gap",
     method: str = "ltt",
     pvalue: str = "auto",
-    fwer: str = "fixed_sequence",
+    fwer: str | None = None,
     grid: int | FloatArray = 1000,
     seed: int = 0,
 ) -> Certificate:
@@ -162,12 +162,15 @@ def calibrate(
         method: ``"ltt"``, ``"crc"`` or ``"conditional"``.
         pvalue: ``"auto"`` (exact binomial for 0/1 losses, else Hoeffding-Bentkus), or one of
             ``"binomial"``, ``"hoeffding"``, ``"bentkus"``, ``"hoeffding_bentkus"``, ``"wsr"``.
-        fwer: ``"fixed_sequence"``, ``"bonferroni"`` or ``"holm"``.
+        fwer: ``"fixed_sequence"`` (default), ``"bonferroni"`` or ``"holm"`` (default for selective
+            risk, whose evidence is weakest at the conservative end where fixed-sequence starts).
         grid: number of candidate λ (taken from the statistic's observed values) or explicit λs.
         seed: for WSR's visiting order and the conditional method's split.
     """
     risk = make_risk(risk)
     method = check_choice(method, "method", "calibrate", METHODS)
+    if fwer is None:
+        fwer = "holm" if risk.selective else "fixed_sequence"
     fwer = check_choice(fwer, "fwer", "calibrate", tuple(_fwer.FWER))
     if isinstance(grid, (int, np.integer)):
         check_int(int(grid), "grid", "calibrate", minimum=1)

@@ -15,6 +15,9 @@ from stopwise._errors import StopwiseError
 from stopwise.rules import Never, Rule, StageThresholds, rule_from_config
 from stopwise.trace import Trace
 
+#: Trace metadata that names the computation; a certificate refuses traces that disagree on any.
+IDENTITY_KEYS = ("model", "base_model", "heads", "task_format")
+
 GUARANTEES = {
     "ltt": "P(risk <= epsilon) >= 1 - delta over the draw of the calibration set (Learn-then-Test)",
     "crc": "E[risk] <= epsilon, in expectation over calibration set and test input (conformal risk control)",
@@ -75,10 +78,25 @@ class Certificate:
             return StageThresholds(base, thresholds=[inf if t is None else t for t in self.thresholds])
         return base.with_lam(self.lam)
 
+    def ensure_compatible(self, trace: Trace) -> None:
+        """Refuse traces from another computation: other stage count, or other model identity."""
+        if trace.n_stages != self.n_stages:
+            raise StopwiseError(
+                f"This certificate was made for traces with {self.n_stages} stages; the trace has "
+                f"{trace.n_stages}. It cannot vouch for another model or head set."
+            )
+        for key in IDENTITY_KEYS:
+            mine, theirs = self.source.get(key), trace.meta.get(key)
+            if mine is not None and theirs is not None and mine != theirs:
+                raise StopwiseError(
+                    f"This certificate was made for {key} = {mine!r}; the trace comes from {theirs!r}."
+                )
+
     def check(self, trace: Trace) -> dict[str, Any]:
         """Re-measure risk and cost of the certified rule on new traces (same risk definition)."""
         from stopwise.calibrate import evaluate  # local: calibrate imports this module
 
+        self.ensure_compatible(trace)
         result = evaluate(trace, self.make_rule(), risk=self.risk_object())
         result["epsilon"] = self.epsilon
         result["within_epsilon"] = bool(result["risk"] <= self.epsilon)

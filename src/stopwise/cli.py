@@ -171,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epsilon", type=float, required=True, help="largest acceptable risk")
     p.add_argument("--method", default="ltt", help="ltt | crc | conditional (default ltt)")
     p.add_argument("--pvalue", default="auto", help="auto | binomial | hoeffding | bentkus | hoeffding_bentkus | wsr")
-    p.add_argument("--fwer", default="fixed_sequence", help="fixed_sequence | bonferroni | holm")
+    p.add_argument("--fwer", default=None, help="fixed_sequence | bonferroni | holm (default: fixed_sequence; holm for selective risk)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("-o", "--output", help="write the certificate JSON here")
     _calibration_options(p)
