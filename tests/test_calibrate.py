@@ -179,3 +179,17 @@ def test_selective_risk_defaults_to_holm(trace: sw.Trace) -> None:
     cert = sw.calibrate(trace, sw.MaxProb(), epsilon=0.05, risk="selective")
     assert cert.fwer == "holm" and cert.certified
     assert sw.calibrate(trace, sw.MaxProb(), epsilon=0.05).fwer == "fixed_sequence"
+
+
+def test_risk_controller_exposes_the_grid_evidence(trace: sw.Trace) -> None:
+    ctl = sw.RiskController(sw.MaxProb(), target_level=0.05, confidence_level=0.9, grid=200)
+    with pytest.raises(sw.StopwiseError, match="not been calibrated"):
+        ctl.p_values_
+    cert = ctl.calibrate(trace)
+    assert ctl.lambdas_.size == ctl.p_values_.size == ctl.valid_.size == cert.grid_size
+    assert (ctl.p_values_[ctl.valid_] <= 0.1).all()
+    assert cert.lam == pytest.approx(ctl.valid_lambdas_[-1])
+    assert (np.diff(ctl.lambdas_) <= 0).all()  # conservative (high threshold) first
+    assert "evidence" not in cert.to_dict()
+    with pytest.raises(sw.StopwiseError, match="'confidence_level' parameter"):
+        sw.RiskController(sw.MaxProb(), target_level=0.05, confidence_level=1.0)

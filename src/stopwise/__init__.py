@@ -10,6 +10,7 @@ from stopwise._errors import CalibrationError, StopwiseError, TraceFormatError
 from stopwise._version import __version__
 from stopwise.calibrate import calibrate, evaluate, table
 from stopwise.certificate import Certificate
+from stopwise.controller import RiskController
 from stopwise.risks import AccuracyDrop, Gap, LossMatrix, Risk, Selective, make_risk
 from stopwise.rules import (
     AllOf,
@@ -36,7 +37,7 @@ from stopwise.trace import NO_ANSWER, StageBatch, Trace, hash_answers
 __all__ = [
     "NO_ANSWER", "AccuracyDrop", "AllOf", "AnyOf", "BetaPosterior", "Betting", "Budget",
     "CalibrationError", "Certificate", "Entropy", "Gap", "LossMatrix", "Margin", "MaxProb",
-    "MinStage", "Never", "Patience", "Risk", "Rule", "Saturation", "Selective", "Signal",
+    "MinStage", "Never", "Patience", "Risk", "RiskController", "Rule", "Saturation", "Selective", "Signal",
     "StageBatch", "StageThresholds", "Stopper", "StopwiseError", "Trace", "TraceFormatError",
     "WindowAgreement", "__version__", "calibrate", "evaluate", "hash_answers", "make_risk",
     "make_rule", "table",

@@ -273,6 +273,8 @@ def _certificate(trace: Trace, rule: Rule, risk: Risk, loss: FloatArray, tab: Ta
         raw = at[early] if risk.selective else at
         ub = risk.bound * _pv.upper_bound(float(raw.sum() / risk.bound), n_eff, delta, pvalue, raw / risk.bound)
     cost = float(trace.cost_at(halts).mean())
+    evidence = {"lam": tab.lam, "risk": tab.risk, "cost": tab.cost, "n_eff": tab.n_eff,
+                "p_values": p, "accepted": accepted}
     return Certificate(
         rule=rule.with_lam(None).to_config() if thresholds is None else rule.to_config()["params"]["rule"],
         certified=certified,
@@ -303,4 +305,5 @@ def _certificate(trace: Trace, rule: Rule, risk: Risk, loss: FloatArray, tab: Ta
         guarantee=GUARANTEES[method],
         source={k: v for k, v in trace.meta.items() if isinstance(v, (str, int, float, bool))},
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        evidence=None if thresholds is not None else evidence,
     )

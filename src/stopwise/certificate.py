@@ -66,6 +66,8 @@ class Certificate:
     guarantee: str = ""
     source: dict[str, Any] = field(default_factory=dict)
     created: str = ""
+    #: Per-λ evidence from the calibration run (λ, risk, cost, p-values, accepted); not saved.
+    evidence: dict[str, Any] | None = field(default=None, repr=False, compare=False)
 
     # -- use ---------------------------------------------------------------------------------
     def make_rule(self) -> Rule:
@@ -109,7 +111,7 @@ class Certificate:
 
     # -- persistence ---------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = _clean(asdict(self))
+        out: dict[str, Any] = _clean({k: v for k, v in asdict(self).items() if k != "evidence"})
         return out
 
     def to_json(self) -> str:
