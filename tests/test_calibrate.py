@@ -184,7 +184,7 @@ def test_selective_risk_defaults_to_holm(trace: sw.Trace) -> None:
 def test_risk_controller_exposes_the_grid_evidence(trace: sw.Trace) -> None:
     ctl = sw.RiskController(sw.MaxProb(), target_level=0.05, confidence_level=0.9, grid=200)
     with pytest.raises(sw.StopwiseError, match="not been calibrated"):
-        ctl.p_values_
+        _ = ctl.p_values_
     cert = ctl.calibrate(trace)
     assert ctl.lambdas_.size == ctl.p_values_.size == ctl.valid_.size == cert.grid_size
     assert (ctl.p_values_[ctl.valid_] <= 0.1).all()
