@@ -1,0 +1,393 @@
+"""Decoding loops on a frozen causal LM: full greedy/sampling, self-speculative, early exit.
+
+All loops share one shape: a batch of rows, each with *pending* tokens that are committed but not
+yet fed to the model; a step feeds them, picks the next tokens, and streams what each row commits.
+
+- ``full``: one token per step through all layers (the reference; bit-identical to ``generate``).
+- ``speculative`` (LayerSkip, Elhoushi et al. 2024): draft with layers < L and an exit head, verify
+  the drafts with layers L..N in one pass that reuses the draft's KV cache for layers < L.
+  Greedy output equals full greedy output; sampling uses the min(1, p/q) acceptance so the output
+  distribution equals the full model's. Draft length stops adaptively on the draft's confidence
+  (SpecDec++, Huang et al. 2024) and the exit layer follows measured acceptance (DEL).
+- ``early_exit`` (CALM, Schuster et al. 2022): each token leaves at the first candidate layer
+  where a stopwise rule fires; skipped layers get K/V from the exited state (state propagation).
+  ``schedule`` gives SkipDecode's batch-friendly alternative: one non-increasing exit layer per
+  position, shared by the whole batch, so no cache entry is ever missing.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from stopwise._errors import StopwiseError
+from stopwise.decoder.backbone import Backbone, State, append_tokens, positions
+from stopwise.decoder.heads import ExitHeads
+from stopwise.decoder.sampling import accept_or_resample, sample
+
+OnToken = Callable[[int, int], None]  # (row, token id)
+
+
+@dataclass
+class Stats:
+    """What a decoding run did."""
+
+    mode: str
+    new_tokens: list[int]
+    seconds: float = 0.0
+    steps: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    layers: float = 0.0  # decoder layers run per generated token (verification counted in full)
+    exit_layers: list[int] = field(default_factory=list)
+    exit_layer_trace: list[int] = field(default_factory=list)
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        return self.accepted / self.drafted if self.drafted else None
+
+    @property
+    def tokens_per_second(self) -> float:
+        total = sum(self.new_tokens)
+        return total / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        total = max(1, sum(self.new_tokens))
+        return {
+            "mode": self.mode, "new_tokens": self.new_tokens, "seconds": self.seconds, "steps": self.steps,
+            "tokens_per_second": self.tokens_per_second, "acceptance_rate": self.acceptance_rate,
+            "drafted": self.drafted, "accepted": self.accepted,
+            "mean_draft_length": self.drafted / self.steps if self.steps and self.drafted else None,
+            "layers_per_token": self.layers / total,
+            "exit_layer_histogram": _histogram(self.exit_layers), "exit_layer_trace": self.exit_layer_trace,
+        }
+
+
+def _histogram(values: list[int]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for v in values:
+        out[str(v)] = out.get(str(v), 0) + 1
+    return dict(sorted(out.items(), key=lambda kv: int(kv[0])))
+
+
+@dataclass
+class Rows:
+    """Per-row bookkeeping: output so far, pending tokens, done flags."""
+
+    out: list[list[int]]
+    pending: list[list[int]]
+    done: list[bool]
+    max_new: int
+    eos: set[int]
+    on_token: OnToken | None
+
+    def commit(self, row: int, tokens: list[int]) -> list[int]:
+        """Append tokens to a row's output until EOS or the budget; returns what was kept."""
+        kept = []
+        for t in tokens:
+            if self.done[row]:
+                break
+            self.out[row].append(t)
+            kept.append(t)
+            if self.on_token is not None:
+                self.on_token(row, t)
+            # Stop condition 1: end of sequence token.  Stop condition 2: token budget spent.
+            if t in self.eos or len(self.out[row]) >= self.max_new:
+                self.done[row] = True
+        return kept
+
+    @property
+    def all_done(self) -> bool:
+        return all(self.done)
+
+    def remaining(self) -> int:
+        return max(self.max_new - len(o) for o, d in zip(self.out, self.done) if not d) if not self.all_done else 0
+
+
+def _pad_block(pending: list[list[int]], pad: int, device: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad rows of pending tokens into (B, m) ids and validity."""
+    m = max(len(p) for p in pending)
+    ids = torch.full((len(pending), m), pad, dtype=torch.long, device=device)
+    valid = torch.zeros((len(pending), m), dtype=torch.long, device=device)
+    for r, p in enumerate(pending):
+        if p:
+            ids[r, m - len(p):] = torch.tensor(p, dtype=torch.long)
+            valid[r, m - len(p):] = 1
+    return ids, valid
+
+
+def _probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    return torch.softmax(logits.to(torch.float64) / temperature, dim=-1)
+
+
+class Engine:
+    """Decoding loops over one backbone and (optionally) its exit heads."""
+
+    def __init__(self, backbone: Backbone, heads: ExitHeads | None = None, *, pad_token_id: int = 0) -> None:
+        self.bb = backbone
+        self.heads = heads
+        self.pad = pad_token_id
+        self._last_cost = 0.0
+        self.device = backbone.lm_head.weight.device
+        # Cost model for choosing an exit layer: fraction of a full step spent by a draft at layer l.
+        d, n = backbone.hidden_size, backbone.n_layers
+        self.layer_params = sum(p.numel() for p in backbone.layers[0].parameters())
+        self.head_params = backbone.vocab_size * d
+
+    # -- shared pieces ----------------------------------------------------------------------
+    def prefill(self, prompts: list[list[int]]) -> tuple[State, torch.Tensor]:
+        """Run the (left-padded) prompts through all layers; return state and last-position states."""
+        ids, valid = _pad_block(prompts, self.pad, self.device)
+        state = self.bb.new_state(len(prompts))
+        pos = append_tokens(state, valid)
+        h = self.bb.run(self.bb.embed(ids, pos), state, start=0, stop=self.bb.n_layers, positions=pos)
+        return state, h[:, -1:]
+
+    def _pick(self, logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
+        if temperature <= 0:
+            return logits.argmax(dim=-1)
+        return sample(_probs(logits, temperature), generator=generator)
+
+    def _check_room(self, prompts: list[list[int]], max_new: int, extra: int = 0) -> None:
+        limit = self.bb.max_positions
+        longest = max(len(p) for p in prompts)
+        if limit and longest + max_new + extra > limit:
+            raise StopwiseError(
+                f"The prompt ({longest} tokens) plus max_new_tokens ({max_new}) exceeds the model's context of "
+                f"{limit} positions. Shorten the prompt or lower max_new_tokens."
+            )
+
+    # -- full model ---------------------------------------------------------------------------
+    @torch.inference_mode()
+    def full(self, prompts: list[list[int]], *, max_new_tokens: int, temperature: float = 0.0,
+             generator: torch.Generator | None = None, eos: set[int] | None = None, on_token: OnToken | None = None) -> Stats:
+        """Plain decoding with every layer (stopping disabled): the reference."""
+        self._check_room(prompts, max_new_tokens)
+        t0 = time.perf_counter()
+        rows = Rows([[] for _ in prompts], [[] for _ in prompts], [False] * len(prompts), max_new_tokens, eos or set(), on_token)
+        state, h = self.prefill(prompts)
+        stats = Stats(mode="full", new_tokens=[])
+        while True:
+            nxt = self._pick(self.bb.logits(h)[:, -1], temperature, generator)
+            for r in range(len(prompts)):
+                rows.commit(r, [int(nxt[r])])
+            stats.steps += 1
+            if rows.all_done:
+                break
+            pos = append_tokens(state, torch.ones_like(nxt[:, None]))
+            h = self.bb.run(self.bb.embed(nxt[:, None], pos), state, start=0, stop=self.bb.n_layers, positions=pos)
+        stats.layers = float(self.bb.n_layers * stats.steps * len(prompts))
+        return self._finish(stats, rows, t0)
+
+    def _finish(self, stats: Stats, rows: Rows, t0: float) -> Stats:
+        stats.seconds = time.perf_counter() - t0
+        stats.new_tokens = [len(o) for o in rows.out]
+        stats.extra_outputs = rows.out  # type: ignore[attr-defined]
+        return stats
+
+    # -- self-speculative -------------------------------------------------------------------
+    def draft_cost(self, layer: int, reduced: bool) -> float:
+        """A draft step at ``layer`` as a fraction of a full step (parameter count model)."""
+        assert self.heads is not None
+        v = self.heads.draft_vocab.numel() if reduced and self.heads.draft_vocab is not None else self.bb.vocab_size
+        full = self.bb.n_layers * self.layer_params + self.head_params
+        return (layer * self.layer_params + v * self.bb.hidden_size) / full
+
+    def expected_speedup(self, alpha: float, gamma: float, cost: float) -> float:
+        """LayerSkip/Leviathan: (1 - a^(g+1)) / ((1 - a)(g c + 1))."""
+        alpha = min(max(alpha, 1e-6), 1 - 1e-6)
+        return (1 - alpha ** (gamma + 1)) / ((1 - alpha) * (gamma * cost + 1))
+
+    @torch.inference_mode()
+    def speculative(self, prompts: list[list[int]], *, max_new_tokens: int, exit_layer: int | None = None,
+                    max_draft: int = 6, draft_stop: float = 0.6, adaptive_layer: bool = True,
+                    candidate_layers: list[int] | None = None, probe_every: int = 8, reduced: bool = True,
+                    temperature: float = 0.0, generator: torch.Generator | None = None, eos: set[int] | None = None,
+                    on_token: OnToken | None = None) -> Stats:
+        """Self-speculative decoding; see the module docstring.
+
+        ``draft_stop``: stop drafting when the draft's predicted probability that some drafted token
+        is rejected, 1 - prod(draft confidence), exceeds it (SpecDec++); 1.0 always drafts
+        ``max_draft`` tokens. ``adaptive_layer``: every ``probe_every`` steps, score every candidate
+        layer's head on the verified tokens and move to the layer with the best expected speedup.
+        """
+        if self.heads is None:
+            raise StopwiseError("Speculative decoding needs exit heads: pass heads=... (train them with `stopwise decoder train`).")
+        heads, bb = self.heads, self.bb
+        candidates = sorted(candidate_layers or [x for x in heads.layers if x <= bb.n_layers * 2 // 3])
+        layer = exit_layer or self._best_prior_layer(candidates, max_draft, reduced)
+        if layer not in heads.layers:
+            raise StopwiseError(f"The 'exit_layer' parameter must be a layer with an exit head {heads.layers}. Got {layer!r} instead.")
+        self._check_room(prompts, max_new_tokens, max_draft + 1)
+        t0 = time.perf_counter()
+        n = len(prompts)
+        rows = Rows([[] for _ in prompts], [[] for _ in prompts], [False] * n, max_new_tokens, eos or set(), on_token)
+        stats = Stats(mode="speculative", new_tokens=[])
+        alpha = {x: float(heads.training_info.get("agreement", {}).get(str(x), 0.5)) for x in candidates}
+        state, h = self.prefill(prompts)
+        first = self._pick(bb.logits(h)[:, -1], temperature, generator)
+        for r in range(n):
+            rows.pending[r] = rows.commit(r, [int(first[r])])
+        stats.layers += bb.n_layers * n
+        while not rows.all_done:
+            k_max = max(1, min(max_draft, rows.remaining() - 1)) if rows.remaining() > 1 else 0
+            probe = adaptive_layer and len(candidates) > 1 and stats.steps % probe_every == probe_every - 1
+            live = [r for r in range(n) if not rows.done[r]]
+            n_acc, k, new, pending, probes = self._spec_step(state, rows, layer, k_max, draft_stop, reduced,
+                                                             temperature, generator, candidates if probe else None)
+            stats.steps += 1
+            stats.drafted += k * len(live)
+            stats.accepted += sum(n_acc[r] for r in live)
+            stats.layers += self._last_cost
+            stats.exit_layer_trace.append(layer)
+            for r in live:
+                rows.commit(r, new[r])
+                rows.pending[r] = pending[r]
+            for x, agree in probes.items():
+                alpha[x] = 0.7 * alpha[x] + 0.3 * agree  # EMA: contexts drift within a generation
+            if probes:
+                gamma = stats.drafted / max(1, stats.steps * n)
+                layer = max(candidates, key=lambda x: self.expected_speedup(alpha[x], gamma, self.draft_cost(x, reduced)))
+        return self._finish(stats, rows, t0)
+
+    def _best_prior_layer(self, candidates: list[int], max_draft: int, reduced: bool) -> int:
+        assert self.heads is not None
+        agreement = self.heads.training_info.get("agreement", {})
+        if not agreement:
+            return candidates[len(candidates) // 2]
+        return max(candidates, key=lambda x: self.expected_speedup(
+            float(agreement.get(str(x), 0.0)), max_draft / 2, self.draft_cost(x, reduced)))
+
+    def _spec_step(self, state: State, rows: Rows, layer: int, k_max: int, draft_stop: float, reduced: bool,
+                   temperature: float, generator: torch.Generator | None, probe: list[int] | None
+                   ) -> tuple[list[int], int, list[list[int]], list[list[int]], dict[int, float]]:
+        heads, bb = self.heads, self.bb
+        assert heads is not None
+        n = len(rows.pending)
+        ids, valid = _pad_block([p if p else [self.pad] for p in rows.pending], self.pad, self.device)
+        m = ids.shape[1]
+        probe_lo = [x for x in (probe or []) if x < layer]
+        saved: dict[int, list[torch.Tensor]] = {x: [] for x in probe_lo}
+
+        def feed(tok: torch.Tensor, val: torch.Tensor) -> torch.Tensor:
+            pos = append_tokens(state, val)
+            x = bb.embed(tok, pos)
+            emb = bb.rope(x, pos)
+            start = 0
+            for stop in [*probe_lo, layer]:  # stop at probed layers to keep their states
+                x = bb.run(x, state, start=start, stop=stop, positions=pos, emb=emb)
+                if stop != layer:
+                    saved[stop].append(x)
+                start = stop
+            return x
+
+        # Draft: feed pending tokens, then each drafted token, through layers < L.
+        h = feed(ids, valid)
+        hs, drafts, qs = [h], [], []
+        conf = torch.ones(n, dtype=torch.float64, device=self.device)
+        for j in range(k_max):
+            logits = heads.logits(h[:, -1], layer, reduced=reduced)
+            if temperature <= 0:
+                p = torch.softmax(logits.to(torch.float64), dim=-1)
+                top, idx = p.max(dim=-1)
+            else:
+                p = _probs(logits, temperature)
+                idx = sample(p, generator=generator)
+                top = p.gather(1, idx[:, None]).squeeze(1)
+                qs.append(p)
+            drafts.append(heads.to_token_ids(idx, reduced=reduced))
+            conf = conf * top
+            # Stop drafting (SpecDec++): every live row more likely than draft_stop to see a rejection.
+            live = torch.tensor([not d for d in rows.done], device=self.device)
+            stop = bool(((1 - conf) > draft_stop)[live].all()) if live.any() else True
+            h = feed(drafts[-1][:, None], torch.ones((n, 1), dtype=torch.long, device=self.device))
+            hs.append(h)
+            if stop:
+                break
+        k = len(drafts)
+        # Verify: layers L..N on the pending block and the drafts in one pass.
+        total = state.attn.shape[1]
+        pos = positions(state, total - (m + k), total)
+        hv = torch.cat(hs, dim=1)
+        probe_hi = [x for x in (probe or []) if x > layer]
+        start, hi_states = layer, {}
+        emb = bb.rope(hv, pos)
+        for stop in [*probe_hi, bb.n_layers]:
+            hv = bb.run(hv, state, start=start, stop=stop, positions=pos, emb=emb)
+            hi_states[stop] = hv
+            start = stop
+        target_logits = bb.logits(hv[:, m - 1:])  # (n, k+1, V): position m-1 predicts the first draft
+        new, n_acc = self._verify(target_logits, drafts, qs, reduced, temperature, generator)
+        # Keep the cache of what every row accepted; rows that accepted more re-feed the rest next step.
+        a_min = min(n_acc[r] for r in range(n) if not rows.done[r]) if not rows.all_done else 0
+        drop = k - a_min
+        for i in range(bb.n_layers):
+            state.crop(i, state.seen(i) - drop)
+        state.attn = state.attn[:, : state.attn.shape[1] - drop]
+        pending = [new[r][a_min:] for r in range(n)]
+        probes = self._probe(probe, layer, saved, hi_states, hs, m, target_logits, drafts, reduced) if probe else {}
+        self._last_cost = float(n * bb.n_layers * (m + k))  # layer evaluations, all rows
+        return n_acc, k, new, pending, probes
+
+    def _verify(self, target_logits: torch.Tensor, drafts: list[torch.Tensor], qs: list[torch.Tensor], reduced: bool,
+                temperature: float, generator: torch.Generator | None) -> tuple[list[list[int]], list[int]]:
+        """Per row: accepted drafts plus one token from the full model (correction or bonus)."""
+        n, k = target_logits.shape[0], len(drafts)
+        d = torch.stack(drafts, dim=1) if drafts else torch.zeros((n, 0), dtype=torch.long, device=self.device)
+        if temperature <= 0:
+            target = target_logits.argmax(dim=-1)  # (n, k+1)
+            match = (d == target[:, :k]).to(torch.long)
+            n_acc = match.cumprod(dim=1).sum(dim=1).tolist() if k else [0] * n
+            return [d[r, : n_acc[r]].tolist() + [int(target[r, n_acc[r]])] for r in range(n)], n_acc
+        heads = self.heads
+        assert heads is not None
+        new: list[list[int]] = [[] for _ in range(n)]
+        n_acc = [0] * n
+        open_ = torch.ones(n, dtype=torch.bool, device=self.device)
+        for j in range(k):
+            p = _probs(target_logits[:, j], temperature)
+            q = torch.zeros_like(p)
+            if reduced and heads.draft_vocab is not None:
+                q[:, heads.draft_vocab] = qs[j]
+            else:
+                q = qs[j]
+            ok, tok = accept_or_resample(p, q, d[:, j], generator=generator)
+            for r in range(n):
+                if open_[r]:
+                    new[r].append(int(tok[r]))
+                    n_acc[r] += int(ok[r])
+            open_ &= ok
+            if not open_.any():
+                break
+        bonus = sample(_probs(target_logits[:, k], temperature), generator=generator)
+        for r in range(n):
+            if open_[r]:
+                new[r].append(int(bonus[r]))
+        return new, n_acc
+
+    def _probe(self, probe: list[int], layer: int, saved: dict[int, list[torch.Tensor]], hi: dict[int, torch.Tensor],
+               hs: list[torch.Tensor], m: int, target_logits: torch.Tensor, drafts: list[torch.Tensor], reduced: bool
+               ) -> dict[int, float]:
+        """Greedy agreement of each candidate layer's head with the full model on this step's positions (DEL)."""
+        heads = self.heads
+        assert heads is not None
+        target = target_logits.argmax(dim=-1)  # (n, k+1)
+        if reduced and heads.draft_vocab is not None:
+            target_in = torch.isin(target, heads.draft_vocab)
+        else:
+            target_in = torch.ones_like(target, dtype=torch.bool)
+        out = {}
+        for x in probe:
+            if x < layer:
+                states = torch.cat(saved[x], dim=1)[:, m - 1:]
+            elif x == layer:
+                states = torch.cat(hs, dim=1)[:, m - 1:]
+            else:
+                states = hi[x][:, m - 1:]
+            guess = heads.to_token_ids(heads.logits(states, x, reduced=reduced).argmax(dim=-1), reduced=reduced)
+            out[x] = float(((guess == target) & target_in).to(torch.float64).mean())
+        return out
