@@ -31,6 +31,9 @@ from stopwise.rules import Rule, halts_from_z
 from stopwise.trace import FloatArray, IntArray, Trace
 
 METHODS = ("ltt", "crc", "conditional")
+#: Default grid size for Bonferroni and Holm: their δ / m correction punishes large grids.
+MULTIPLE_GRID = 100
+WSR_GRID = 1000
 #: λ values whose WSR p-values are computed together (memory: WSR_CHUNK x n floats).
 WSR_CHUNK = 64
 
@@ -60,15 +63,15 @@ def oracle_halts(loss: FloatArray, lengths: IntArray) -> IntArray:
     return np.asarray(ok.argmax(axis=1), dtype=np.int64)
 
 
-def table(trace: Trace, rule: Rule, risk: Risk | str = "gap", *, grid: int | FloatArray = 1000,
+def table(trace: Trace, rule: Rule, risk: Risk | str = "gap", *, grid: int | FloatArray | None = None,
           loss: FloatArray | None = None, z: FloatArray | None = None) -> Table:
     """The empirical risk/cost curve of ``rule`` on ``trace`` over a λ grid (no guarantee)."""
     risk = make_risk(risk)
     rule = rule.with_lam(None) if not rule.free else rule
     z = rule.z(trace) if z is None else z
     loss = risk.loss_matrix(trace) if loss is None else loss
-    if isinstance(grid, (int, np.integer)):
-        t = default_grid(z, int(grid), rule.integer)
+    if grid is None or isinstance(grid, (int, np.integer)):
+        t = default_grid(z, None if grid is None else int(grid), rule.integer)
     else:
         t = np.unique(rule.sign() * np.asarray(grid, dtype=np.float64))
     lengths = trace.lengths
@@ -147,7 +150,7 @@ def calibrate(
     method: str = "ltt",
     pvalue: str = "auto",
     fwer: str | None = None,
-    grid: int | FloatArray = 1000,
+    grid: int | FloatArray | None = None,
     seed: int = 0,
 ) -> Certificate:
     """Certify the cheapest λ whose risk is at most ``epsilon``; see the module docstring.
@@ -164,7 +167,11 @@ def calibrate(
             ``"binomial"``, ``"hoeffding"``, ``"bentkus"``, ``"hoeffding_bentkus"``, ``"wsr"``.
         fwer: ``"fixed_sequence"`` (default), ``"bonferroni"`` or ``"holm"`` (default for selective
             risk, whose evidence is weakest at the conservative end where fixed-sequence starts).
-        grid: number of candidate λ (taken from the statistic's observed values) or explicit λs.
+        grid: None (default): for fixed-sequence testing every distinct value of the rule's
+            statistic (exact: the walk over them is the walk over the whole continuum of λ); for
+            Bonferroni / Holm, whose correction grows with the grid, ``MULTIPLE_GRID`` quantiles;
+            for WSR, whose p-value needs a pass over the data per λ, ``WSR_GRID`` quantiles.
+            An int: at most that many quantiles (faster on huge traces); or explicit λs.
         seed: for WSR's visiting order and the conditional method's split.
     """
     risk = make_risk(risk)
@@ -174,6 +181,10 @@ def calibrate(
     fwer = check_choice(fwer, "fwer", "calibrate", tuple(_fwer.FWER))
     if isinstance(grid, (int, np.integer)):
         check_int(int(grid), "grid", "calibrate", minimum=1)
+    elif grid is None and fwer != "fixed_sequence":
+        grid = MULTIPLE_GRID
+    elif grid is None and pvalue == "wsr":
+        grid = WSR_GRID
     epsilon, pvalue = _check_inputs(trace, epsilon, delta, risk, pvalue, method)
     if method == "conditional":
         from stopwise.conditional import calibrate_conditional
@@ -224,7 +235,7 @@ def _p_values(trace: Trace, rule: Rule, risk: Risk, loss: FloatArray, z: FloatAr
 
 
 def _crc(trace: Trace, rule: Rule, risk: Risk, loss: FloatArray, z: FloatArray, epsilon: float,
-         grid: int | FloatArray, n_min: int) -> Certificate:
+         grid: int | FloatArray | None, n_min: int) -> Certificate:
     mask = trace.mask
     assert mask is not None
     # Monotone upper bound: the worst loss from this stage to the last (suffix max).

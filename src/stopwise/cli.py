@@ -151,7 +151,8 @@ def _calibration_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--risk", default="gap", help="gap | accuracy_drop | selective | loss (default: gap)")
     p.add_argument("--risk-param", action="append", metavar="NAME=VALUE", help="risk parameter, e.g. signal=rouge_loss")
     p.add_argument("--delta", type=float, default=0.1, help="allowed probability of a wrong certificate (default 0.1)")
-    p.add_argument("--grid", type=int, default=1000, help="number of candidate λ values (default 1000)")
+    p.add_argument("--grid", type=int, default=None,
+                   help="at most this many candidate λ values (default: every distinct value, exact)")
     p.add_argument("--json", action="store_true", help="machine-readable JSON on stdout")
 
 

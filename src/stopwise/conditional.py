@@ -52,7 +52,7 @@ def _accumulated(loss: FloatArray, halts: IntArray, lengths: IntArray, stage: in
 
 
 def calibrate_conditional(trace: Trace, rule: Rule, *, epsilon: float, delta: float, risk: Risk,
-                          pvalue: str, grid: int | FloatArray, seed: int) -> Certificate:
+                          pvalue: str, grid: int | FloatArray | None, seed: int) -> Certificate:
     free = rule.with_lam(None)
     if trace.n < 4:
         raise CalibrationError(f"The conditional method splits the calibration set in two; n = {trace.n} is too small.")
@@ -65,10 +65,14 @@ def calibrate_conditional(trace: Trace, rule: Rule, *, epsilon: float, delta: fl
         )
     z = free.z(trace)
     loss = risk.loss_matrix(trace) / risk.bound
-    # Screening is a loop per stage and grid point: a coarser grid keeps it fast.
-    grid_t = default_grid(z, min(int(grid), 200), free.integer) if isinstance(grid, (int, np.integer)) else np.unique(free.sign() * np.asarray(grid, float))
     perm = np.random.default_rng(seed).permutation(trace.n)
     a, b = perm[: trace.n // 2], perm[trace.n // 2 :]
+    # The candidates come from half a only, so the tests on half b see a fixed set of hypotheses.
+    # Screening loops over stages and candidates: at most 200 keep it fast.
+    if grid is None or isinstance(grid, (int, np.integer)):
+        grid_t = default_grid(z[a], 200 if grid is None else min(200, int(grid)), free.integer)
+    else:
+        grid_t = np.unique(free.sign() * np.asarray(grid, dtype=np.float64))
     lengths = trace.lengths
     k = trace.n_stages
     t_stage = np.full(k, np.inf)

@@ -50,13 +50,19 @@ def halt_sums(z: FloatArray, lengths: IntArray, t_grid: FloatArray, values: dict
     return Curves(t=t_grid, sums=sums)
 
 
-def default_grid(z: FloatArray, size: int, integer: bool) -> FloatArray:
-    """Ascending candidate thresholds from the values the statistic takes (without +inf)."""
+def default_grid(z: FloatArray, size: int | None, integer: bool) -> FloatArray:
+    """Ascending candidate thresholds (without +inf, the "never stop" point).
+
+    ``size=None`` takes every distinct value the statistic takes. Halting decisions only change
+    at those values, so fixed-sequence testing over them is fixed-sequence testing over the whole
+    continuum of λ: exact, with no data-dependent coarsening. An int thins them to at most that
+    many quantiles, which is faster on huge traces but makes the grid depend on the data.
+    """
     finite = z[np.isfinite(z)]
     if integer:
         hi = int(finite.max()) if finite.size else 0
         return np.arange(0, hi + 1, dtype=np.float64)
     values = np.unique(finite)
-    if values.size > size:
+    if size is not None and values.size > size:
         values = np.unique(np.quantile(values, np.linspace(0.0, 1.0, size)))
     return values
