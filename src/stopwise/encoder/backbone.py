@@ -1,0 +1,188 @@
+"""Run a Hugging Face model layer by layer with its own modules, on a batch that can shrink.
+
+We never copy transformers' forward code: we find the model's embedding module, its stack of
+layers (a ``ModuleList``) and, for decoders, its rotary embedding and final norm, then call them
+in the order the model's own ``forward`` does. Attention masks come from transformers' own
+``masking_utils`` helpers, which build exactly the mask the model builds for itself (same
+attention implementation, same dtype), so with nothing removed the hidden states are bit-identical
+to ``model(input_ids, attention_mask).last_hidden_state``.
+
+Rows are right-padded. When rows leave the batch, :meth:`Backbone.select` index-selects the hidden
+states and the 2-D attention mask, trims padding columns no remaining row needs, and rebuilds the
+4-D mask: later layers really run on fewer rows and fewer columns.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from stopwise._errors import StopwiseError
+
+#: Encoder families (bidirectional attention, called as layer(hidden, mask)).
+ENCODER_TYPES = ("bert", "roberta", "xlm-roberta", "electra", "camembert", "distilbert")
+#: Decoder LLM families (causal attention, rotary position embeddings passed to each layer).
+DECODER_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_TYPES = ENCODER_TYPES + DECODER_TYPES
+
+#: Where the layer stack lives, tried in order (attribute paths relative to the base model).
+LAYER_PATHS = ("encoder.layer", "transformer.layer", "layers", "h", "encoder.layers")
+EMBED_PATHS = ("embeddings", "embed_tokens")
+NORM_PATHS = ("norm", "final_layer_norm", "ln_f")
+
+
+def _get(module: nn.Module, path: str) -> Any:
+    obj: Any = module
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def _unsupported(model_type: str, why: str) -> StopwiseError:
+    return StopwiseError(
+        f"The model type {model_type!r} is not supported by stopwise.encoder ({why}). "
+        f"Supported model types: {list(SUPPORTED_TYPES)}."
+    )
+
+
+@dataclass
+class BatchState:
+    """Hidden states and masks for the rows still running (right-padded)."""
+
+    hidden: torch.Tensor  # (B, T, H)
+    mask2d: torch.Tensor  # (B, T) long, 1 = token
+    mask4d: Any  # what the layers take: a 4-D tensor, or None when no row is padded
+    position_ids: torch.Tensor | None  # (1, T) for decoders
+    position_embeddings: Any  # (cos, sin) for rotary decoders, else None
+
+
+class Backbone:
+    """The model's own modules, found generically, and the loop that calls them."""
+
+    def __init__(self, model: nn.Module) -> None:
+        config = getattr(model, "config", None)
+        model_type = str(getattr(config, "model_type", type(model).__name__))
+        # A *ForCausalLM / *ForSequenceClassification wrapper: use its base model.
+        base = getattr(model, "base_model", model)
+        if not isinstance(base, nn.Module):
+            base = model
+        self.model = base
+        self.config = config
+        self.model_type = model_type
+        if model_type not in SUPPORTED_TYPES:
+            raise _unsupported(model_type, "no layer-by-layer recipe for it")
+        self.decoder = model_type in DECODER_TYPES
+        self.layers = self._find(LAYER_PATHS, "layer stack", lambda m: isinstance(m, nn.ModuleList) and len(m) > 0)
+        self.embeddings = self._find(EMBED_PATHS, "embedding module", lambda m: isinstance(m, nn.Module))
+        self.norm = _first(base, NORM_PATHS) if self.decoder else None
+        self.rotary = getattr(base, "rotary_emb", None) if self.decoder else None
+        if self.decoder and self.rotary is None:
+            raise _unsupported(model_type, "no 'rotary_emb' module found")
+        n_cfg = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layers", None)
+        self.n_layers = int(n_cfg) if n_cfg else len(self.layers)
+        hidden = getattr(config, "hidden_size", None) or getattr(config, "dim", None)
+        if hidden is None:
+            raise _unsupported(model_type, "config has no hidden size")
+        self.hidden_size = int(hidden)
+        self._embed_params = set(inspect.signature(self.embeddings.forward).parameters)
+
+    def _find(self, paths: tuple[str, ...], what: str, ok: Any) -> Any:
+        for path in paths:
+            obj = _get(self.model, path)
+            if obj is not None and ok(obj):
+                return obj
+        raise _unsupported(self.model_type, f"could not find its {what} under {list(paths)}")
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    # -- one batch ----------------------------------------------------------------------------
+    def start(self, input_ids: torch.Tensor, mask2d: torch.Tensor) -> BatchState:
+        """Embed a right-padded batch and build its masks and position embeddings."""
+        kwargs: dict[str, Any] = {}
+        if "input_ids" in self._embed_params:
+            kwargs["input_ids"] = input_ids
+            hidden = self.embeddings(**kwargs)
+        else:  # nn.Embedding (decoders)
+            hidden = self.embeddings(input_ids)
+        state = BatchState(hidden=hidden, mask2d=mask2d, mask4d=None, position_ids=None, position_embeddings=None)
+        if self.decoder:
+            # What LlamaModel.forward does without a cache: positions 0..T-1, shared by all rows.
+            state.position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
+            state.position_embeddings = self.rotary(hidden, position_ids=state.position_ids)
+        self._build_mask(state)
+        return state
+
+    def _build_mask(self, state: BatchState) -> None:
+        from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
+
+        if self.decoder:
+            state.mask4d = create_causal_mask(
+                config=self.config, inputs_embeds=state.hidden, attention_mask=state.mask2d,
+                cache=None, position_ids=state.position_ids,
+            )
+        else:
+            state.mask4d = create_bidirectional_mask(
+                config=self.config, inputs_embeds=state.hidden, attention_mask=state.mask2d,
+            )
+
+    def layer(self, index: int, state: BatchState) -> None:
+        """Run layer ``index`` in place on the batch."""
+        module = self.layers[index]
+        if self.decoder:
+            out = module(state.hidden, attention_mask=state.mask4d, position_embeddings=state.position_embeddings,
+                         position_ids=state.position_ids)
+        else:
+            out = module(state.hidden, state.mask4d)
+        state.hidden = out[0] if isinstance(out, tuple) else out
+
+    def output(self, state: BatchState) -> torch.Tensor:
+        """Hidden states as the model would return them after this layer (decoders: final norm)."""
+        return self.norm(state.hidden) if self.norm is not None else state.hidden
+
+    def select(self, state: BatchState, keep: torch.Tensor) -> BatchState:
+        """Keep some rows (a bool mask or index tensor); drop padding columns nobody needs."""
+        idx = keep.nonzero().flatten() if keep.dtype == torch.bool else keep
+        mask2d = state.mask2d.index_select(0, idx)
+        width = int(mask2d.sum(dim=1).max().item()) if idx.numel() else 0
+        new = BatchState(
+            hidden=state.hidden.index_select(0, idx)[:, :width],
+            mask2d=mask2d[:, :width],
+            mask4d=None,
+            position_ids=None if state.position_ids is None else state.position_ids[:, :width],
+            position_embeddings=None,
+        )
+        if state.position_embeddings is not None:
+            # Rotary tables depend on positions only (shape (1, T, d)): slicing equals recomputing.
+            new.position_embeddings = tuple(t[:, :width] for t in state.position_embeddings)
+        if idx.numel():
+            self._build_mask(new)
+        return new
+
+
+def _first(module: nn.Module, paths: tuple[str, ...]) -> Any:
+    for path in paths:
+        obj = _get(module, path)
+        if isinstance(obj, nn.Module):
+            return obj
+    return None
+
+
+def pool(hidden: torch.Tensor, mask2d: torch.Tensor, how: str) -> torch.Tensor:
+    """(B, T, H) -> (B, H): mean over tokens, first token (CLS) or last real token."""
+    if how == "mean":
+        m = mask2d.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * m).sum(dim=1) / m.sum(dim=1).clamp(min=1e-9)
+    if how == "cls":
+        return hidden[:, 0]
+    if how == "last":
+        last = mask2d.sum(dim=1).long() - 1
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    raise StopwiseError(f"The 'pooling' parameter must be one of ['cls', 'last', 'mean']. Got {how!r} instead.")

@@ -1,0 +1,522 @@
+"""Early-exit classification on a frozen pretrained transformer (DeeBERT / PABEE / FastBERT style).
+
+``EarlyExitClassifier`` attaches one exit head per layer to any supported Hugging Face model
+(encoders, or decoder LLMs as classifier backbones), trains the heads on cached hidden states,
+records :class:`~stopwise.Trace` objects for calibration, and predicts with real early exit:
+rows that stop leave the batch, so later layers run on fewer rows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from stopwise._errors import StopwiseError, check_choice, check_int
+from stopwise._version import __version__
+from stopwise.certificate import Certificate
+from stopwise.encoder.backbone import Backbone, BatchState, pool
+from stopwise.encoder.heads import HEAD_TYPES, ExitHeads, train_heads
+from stopwise.rules import Rule, make_rule
+from stopwise.trace import StageBatch, Trace
+
+CONFIG_NAME = "stopwise_heads.json"
+WEIGHTS_NAME = "heads.safetensors"
+CERTIFICATE_NAME = "certificate.json"
+FORMAT = "stopwise.encoder.heads"
+POOLINGS = ("mean", "cls", "last")
+COSTS = ("layers", "flops")
+#: Keys a heads config may hold; others are warned about (written by a newer stopwise?).
+CONFIG_KEYS = frozenset({
+    "format", "stopwise_version", "base_model", "base_name", "model_type", "n_layers", "hidden_size",
+    "pooling", "head", "mlp_hidden", "n_classes", "class_names", "max_length", "heads_sha", "training",
+})
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """Token ids per text (no padding), as :meth:`EarlyExitClassifier.tokenize` returns them."""
+
+    ids: list[list[int]]
+    n_truncated: int = 0
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """What :meth:`EarlyExitClassifier.predict` returns, one entry per input row."""
+
+    predictions: np.ndarray  # (n,) class ids
+    probs: np.ndarray  # (n, C) probabilities of the head that answered
+    exit_layer: np.ndarray  # (n,) 1-based layer whose head answered
+    cost: np.ndarray  # (n,) layers run, or GFLOPs with cost="flops"
+    class_names: tuple[str, ...]
+    seconds: float = 0.0
+
+    @property
+    def labels(self) -> list[str]:
+        return [self.class_names[i] for i in self.predictions]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "predictions": self.labels,
+            "class_ids": self.predictions.tolist(),
+            "probs": np.round(self.probs, 6).tolist(),
+            "exit_layer": self.exit_layer.tolist(),
+            "cost": self.cost.tolist(),
+            "seconds": self.seconds,
+        }
+
+
+def _resolve_base(base: Any) -> tuple[str, str]:
+    """(loadable path or hub id, short name) for a bundled name, a directory or a hub id."""
+    from stopwise.hf import bundled
+
+    if isinstance(base, (str, Path)) and str(base) in bundled.BUNDLED:
+        return str(bundled.model_path(str(base))), str(base)
+    if isinstance(base, (str, Path)):
+        return str(base), Path(str(base)).name or str(base)
+    raise StopwiseError(f"The 'base' parameter must be a bundled name {sorted(bundled.BUNDLED)}, a model directory or a model id. Got {base!r} instead.")
+
+
+def _fingerprint_model(model: torch.nn.Module) -> str:
+    """A short hash of the first weights: tells two checkpoints of the same shape apart."""
+    h = hashlib.sha256()
+    for name, p in list(model.state_dict().items())[:4]:
+        h.update(name.encode())
+        h.update(p.detach().float().flatten()[:4096].numpy().tobytes())
+    return h.hexdigest()[:12]
+
+
+class EarlyExitClassifier:
+    """Exit heads on a frozen transformer; see the module docstring.
+
+    Build with :meth:`from_base` (new heads) or :meth:`from_pretrained` (saved heads).
+    """
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, *, class_names: Sequence[str], base_name: str,
+                 pooling: str | None = None, head: str = "linear", mlp_hidden: int = 256,
+                 max_length: int | None = None) -> None:
+        self.model = model.eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.backbone = Backbone(model)
+        self.tokenizer = tokenizer
+        self.base_name = base_name
+        self.class_names = _check_class_names(class_names)
+        default_pool = "last" if self.backbone.decoder else "mean"
+        self.pooling = check_choice(pooling or default_pool, "pooling", "EarlyExitClassifier", POOLINGS)
+        self.head_kind = check_choice(head, "head", "EarlyExitClassifier", HEAD_TYPES)
+        self.mlp_hidden = int(mlp_hidden)
+        limit = min(int(getattr(tokenizer, "model_max_length", 512) or 512),
+                    int(getattr(model.config, "max_position_embeddings", 512) or 512), 4096)
+        self.max_length = limit if max_length is None else check_int(max_length, "max_length", "EarlyExitClassifier", minimum=2)
+        if self.max_length > limit:
+            raise StopwiseError(f"The 'max_length' parameter of EarlyExitClassifier must be at most the model limit {limit}. Got {max_length} instead.")
+        self.heads = ExitHeads(self.n_layers, self.hidden_size, len(self.class_names), kind=self.head_kind, mlp_hidden=self.mlp_hidden)
+        self.fitted = False
+        self.certificate: Certificate | None = None
+        self.training_info: dict[str, Any] = {}
+        self.base_id = f"{self.backbone.model_type}-{self.n_layers}x{self.hidden_size}-{_fingerprint_model(model)}"
+        self._layer_params = sum(p.numel() for p in self.backbone.layers[0].parameters())
+
+    # -- construction ------------------------------------------------------------------------
+    @classmethod
+    def from_base(cls, base: Any = "minilm", *, class_names: Sequence[str], pooling: str | None = None,
+                  head: str = "linear", mlp_hidden: int = 256, max_length: int | None = None) -> EarlyExitClassifier:
+        """New (untrained) heads on a bundled model name, a local directory, or a loaded model.
+
+        ``base`` may also be a ``(model, tokenizer)`` pair already loaded with ``AutoModel``.
+        """
+        if isinstance(base, tuple) and len(base) == 2:
+            model, tok = base
+            name = str(getattr(model.config, "_name_or_path", "") or model.config.model_type)
+        else:
+            from transformers import AutoModel, AutoTokenizer
+
+            path, name = _resolve_base(base)
+            tok = AutoTokenizer.from_pretrained(path)
+            model = AutoModel.from_pretrained(path, dtype=torch.float32)
+        return cls(model, tok, class_names=class_names, base_name=name, pooling=pooling, head=head,
+                   mlp_hidden=mlp_hidden, max_length=max_length)
+
+    @property
+    def n_layers(self) -> int:
+        return self.backbone.n_layers
+
+    @property
+    def hidden_size(self) -> int:
+        return self.backbone.hidden_size
+
+    @property
+    def heads_id(self) -> str:
+        h = hashlib.sha256()
+        for name, t in sorted(self.heads.state_dict().items()):
+            h.update(name.encode())
+            h.update(t.detach().contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    def identity(self) -> dict[str, Any]:
+        """What traces and certificates record about this computation."""
+        return {"model": self.base_id, "base_model": self.base_id, "heads": self.heads_id, "pooling": self.pooling,
+                "head_type": self.head_kind, "n_layers": self.n_layers, "classes": "|".join(self.class_names),
+                "base_name": self.base_name}
+
+    # -- inputs ------------------------------------------------------------------------------
+    def tokenize(self, texts: Any) -> Encoded:
+        """Validate and tokenize; texts longer than ``max_length`` tokens are truncated (one warning)."""
+        if isinstance(texts, Encoded):
+            return texts
+        texts = _check_texts(texts)
+        limit = self.max_length
+        # One token over the limit tells "was longer" without tokenizing whole long documents.
+        enc = self.tokenizer(texts, truncation=True, max_length=limit + 1, add_special_tokens=True)["input_ids"]
+        n_long = sum(len(ids) > limit for ids in enc)
+        if n_long:
+            warnings.warn(f"{n_long} of {len(enc)} texts are longer than {limit} tokens and were truncated.",
+                          UserWarning, stacklevel=3)
+            enc = self.tokenizer(texts, truncation=True, max_length=limit, add_special_tokens=True)["input_ids"]
+        return Encoded(ids=[list(x) for x in enc], n_truncated=n_long)
+
+    def _labels(self, labels: Any, n: int) -> np.ndarray:
+        arr = list(labels)
+        if len(arr) != n:
+            raise StopwiseError(f"Got {n} texts but {len(arr)} labels.")
+        index = {c: i for i, c in enumerate(self.class_names)}
+        out = np.empty(n, dtype=np.int64)
+        for i, y in enumerate(arr):
+            if isinstance(y, str):
+                if y not in index:
+                    raise StopwiseError(f"Label {y!r} (row {i}) is not one of the head's classes {list(self.class_names)}.")
+                out[i] = index[y]
+            elif isinstance(y, (int, np.integer)) and not isinstance(y, bool) and 0 <= int(y) < len(self.class_names):
+                out[i] = int(y)
+            else:
+                raise StopwiseError(f"Label {y!r} (row {i}) must be a class name or an id in [0, {len(self.class_names) - 1}] for classes {list(self.class_names)}.")
+        return out
+
+    def _batches(self, enc: Encoded, batch_size: int, sort: bool) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor]]:
+        """Right-padded batches; sorted by length so little compute goes to padding."""
+        n = len(enc)
+        order = np.argsort([-len(x) for x in enc.ids], kind="stable") if sort else np.arange(n)
+        pad = self.tokenizer.pad_token_id
+        pad = 0 if pad is None else int(pad)
+        for start in range(0, n, batch_size):
+            rows = order[start : start + batch_size]
+            width = max(len(enc.ids[i]) for i in rows)
+            ids = torch.full((len(rows), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(rows), width), dtype=torch.long)
+            for j, i in enumerate(rows):
+                ids[j, : len(enc.ids[i])] = torch.tensor(enc.ids[i], dtype=torch.long)
+                mask[j, : len(enc.ids[i])] = 1
+            yield rows, ids, mask
+
+    # -- features and training ---------------------------------------------------------------
+    def _pooled(self, state: BatchState) -> torch.Tensor:
+        return pool(self.backbone.output(state), state.mask2d, self.pooling)
+
+    @torch.inference_mode()
+    def features(self, texts: Any, *, batch_size: int = 32, progress: bool = True) -> torch.Tensor:
+        """Pooled hidden state of every layer: (n, n_layers, hidden), one forward pass."""
+        from tqdm.auto import tqdm
+
+        enc = self.tokenize(texts)
+        out = torch.empty((len(enc), self.n_layers, self.hidden_size), dtype=torch.float32)
+        bar = tqdm(total=len(enc), desc=f"{self.base_name} layers", unit="text", disable=not progress)
+        for rows, ids, mask in self._batches(enc, check_int(batch_size, "batch_size", "features", minimum=1), True):
+            state = self.backbone.start(ids, mask)
+            idx = torch.as_tensor(rows)
+            for k in range(self.n_layers):
+                self.backbone.layer(k, state)
+                out[idx, k] = self._pooled(state).float()
+            bar.update(len(rows))
+        bar.close()
+        return out
+
+    def fit(self, texts: Any = None, labels: Any = None, *, features: torch.Tensor | None = None,
+            objective: str = "labels", optimizer: str = "adam", epochs: int = 100, lr: float = 1e-2,
+            weight_decay: float = 1e-2, head_batch_size: int | None = None, batch_size: int = 32,
+            seed: int = 0, progress: bool = True) -> EarlyExitClassifier:
+        """Train all heads with the backbone frozen (pass ``features`` to reuse a cached pass)."""
+        if features is None:
+            if texts is None:
+                raise StopwiseError("EarlyExitClassifier.fit needs texts or cached features.")
+            features = self.features(texts, batch_size=batch_size, progress=progress)
+        y = None if labels is None else torch.as_tensor(self._labels(labels, features.shape[0]))
+        if labels is None and not self.fitted:
+            raise StopwiseError("Self-distillation without labels needs a trained final head: fit with labels first, or load trained heads.")
+        torch.manual_seed(seed)
+        info = train_heads(self.heads, features, y, objective=objective, optimizer=optimizer, epochs=epochs, lr=lr,
+                           weight_decay=weight_decay, batch_size=head_batch_size, seed=seed)
+        self.fitted = True
+        self.certificate = None  # new heads: an old certificate no longer applies
+        self.training_info = {"objective": objective, "optimizer": optimizer, "epochs": epochs, "lr": lr,
+                              "seed": seed, "n_train": int(features.shape[0]), **info}
+        return self
+
+    @torch.inference_mode()
+    def probs_from_features(self, features: torch.Tensor) -> np.ndarray:
+        """(n, L, C) float32 probabilities of every head on cached features."""
+        return np.stack([F.softmax(self.heads.logits(k, features[:, k]), dim=-1).numpy() for k in range(self.n_layers)], axis=1)
+
+    def _layer_flops(self, n_tokens: np.ndarray) -> np.ndarray:
+        """Approximate FLOPs of one layer per row: weights (2 per parameter per token) + attention."""
+        t = n_tokens.astype(np.float64)
+        return (2.0 * self._layer_params * t + 4.0 * t * t * self.hidden_size) / 1e9
+
+    def trace_from_features(self, features: torch.Tensor, labels: Any = None, *, n_tokens: np.ndarray | None = None,
+                            cost: str = "layers", meta: dict[str, Any] | None = None) -> Trace:
+        """A trace from cached features (what :meth:`record` does after its forward pass)."""
+        self._require_fitted()
+        cost = check_choice(cost, "cost", "EarlyExitClassifier.record", COSTS)
+        probs = self.probs_from_features(features)
+        n = probs.shape[0]
+        if cost == "flops":
+            if n_tokens is None:
+                raise StopwiseError("cost='flops' needs the token count of every row.")
+            per_layer = self._layer_flops(np.asarray(n_tokens))
+            cost_arr = np.cumsum(np.repeat(per_layer[:, None], self.n_layers, axis=1), axis=1)
+        else:
+            cost_arr = np.arange(1, self.n_layers + 1, dtype=np.float64)
+        return Trace(
+            predictions=probs.argmax(axis=2).astype(np.int64),
+            probs=probs,
+            cost=cost_arr,
+            labels=None if labels is None else self._labels(labels, n),
+            stage_names=tuple(f"layer_{k + 1}" for k in range(self.n_layers)),
+            meta={**self.identity(), "cost": cost, **(meta or {})},
+        )
+
+    def record(self, texts: Any, labels: Any = None, *, batch_size: int = 32, cost: str = "layers",
+               progress: bool = True, meta: dict[str, Any] | None = None) -> Trace:
+        """Every exit for every text: probs per layer, predictions, cost; reference = final head."""
+        self._require_fitted()
+        enc = self.tokenize(texts)
+        if labels is not None:
+            self._labels(labels, len(enc))  # fail before the forward pass
+        feats = self.features(enc, batch_size=batch_size, progress=progress)
+        n_tokens = np.array([len(x) for x in enc.ids])
+        return self.trace_from_features(feats, labels, n_tokens=n_tokens, cost=cost, meta=meta)
+
+    # -- online early exit -------------------------------------------------------------------
+    def _require_fitted(self) -> None:
+        if not self.fitted:
+            raise StopwiseError("The exit heads are not trained: call fit(...) or load heads with from_pretrained(...).")
+
+    def check_certificate(self, certificate: Certificate) -> None:
+        """Refuse a certificate made for another base model or another head set."""
+        if certificate.n_stages != self.n_layers:
+            raise StopwiseError(f"The certificate was made for {certificate.n_stages} exits; this model has {self.n_layers} layers. It cannot vouch for another model or head set.")
+        mine = self.identity()
+        for key in ("base_model", "heads"):
+            theirs = certificate.source.get(key)
+            if theirs is not None and theirs != mine[key]:
+                raise StopwiseError(
+                    f"The certificate was made for {key} = {theirs!r}; this classifier has {key} = {mine[key]!r}. "
+                    "Record new calibration traces with these heads and calibrate again."
+                )
+
+    def _stopper_rule(self, rule: Any, certificate: Certificate | None) -> Rule | None:
+        if certificate is not None:
+            if rule is not None:
+                raise StopwiseError("Pass either 'rule' or 'certificate' to predict, not both.")
+            self.check_certificate(certificate)
+            return certificate.make_rule()
+        if rule is None:
+            return None
+        if isinstance(rule, str):
+            rule = make_rule(rule)
+            rule = rule.with_lam(rule.default_lam)
+        if not isinstance(rule, Rule):
+            raise StopwiseError(f"The 'rule' parameter of predict must be a stopwise Rule, a rule name, or None. Got {rule!r} instead.")
+        return rule
+
+    @torch.inference_mode()
+    def predict(self, texts: Any, *, rule: Any = None, certificate: Certificate | None = None, batch_size: int = 32,
+                cost: str = "layers", sort: bool = True, progress: bool = False, trace_calls: list[int] | None = None) -> Prediction:
+        """Classify with early exit: after each layer the rule's online stopper decides for the rows
+        still running; rows that stop leave the batch. ``rule=None`` runs the full model.
+
+        ``trace_calls``, if given, receives the number of rows each layer call ran on.
+        """
+        self._require_fitted()
+        cost = check_choice(cost, "cost", "EarlyExitClassifier.predict", COSTS)
+        batch_size = check_int(batch_size, "batch_size", "predict", minimum=1)
+        stop_rule = self._stopper_rule(rule, certificate)
+        enc = self.tokenize(texts)
+        n, c = len(enc), len(self.class_names)
+        preds = np.empty(n, dtype=np.int64)
+        probs = np.empty((n, c), dtype=np.float64)
+        exit_layer = np.empty(n, dtype=np.int64)
+        n_tokens = np.array([len(x) for x in enc.ids])
+        from tqdm.auto import tqdm
+
+        t0 = time.perf_counter()
+        for rows, ids, mask in tqdm(list(self._batches(enc, batch_size, sort)), desc="predict", disable=not progress):
+            self._predict_batch(rows, ids, mask, stop_rule, preds, probs, exit_layer, trace_calls)
+        seconds = time.perf_counter() - t0
+        per_row = exit_layer.astype(np.float64) if cost == "layers" else self._layer_flops(n_tokens) * exit_layer
+        return Prediction(predictions=preds, probs=probs, exit_layer=exit_layer, cost=per_row,
+                          class_names=self.class_names, seconds=seconds)
+
+    def _head(self, k: int, state: BatchState) -> np.ndarray:
+        return F.softmax(self.heads.logits(k, self._pooled(state)), dim=-1).double().numpy()
+
+    def _predict_batch(self, rows: np.ndarray, ids: torch.Tensor, mask: torch.Tensor, rule: Rule | None,
+                       preds: np.ndarray, probs: np.ndarray, exit_layer: np.ndarray, calls: list[int] | None) -> None:
+        state = self.backbone.start(ids, mask)
+        last = self.n_layers - 1
+        stopper = None if rule is None else rule.stopper(len(rows))
+        live = np.asarray(rows)
+        for k in range(self.n_layers):
+            self.backbone.layer(k, state)
+            if calls is not None:
+                calls.append(len(live))
+            if stopper is None and k < last:
+                continue  # full model: only the final head is read
+            p = self._head(k, state)
+            stop = np.ones(len(live), bool) if stopper is None else stopper.step(
+                StageBatch(index=k, predictions=p.argmax(axis=1), probs=p), last=k == last)
+            if stop.any():
+                out = live[stop]
+                preds[out], probs[out], exit_layer[out] = p[stop].argmax(axis=1), p[stop], k + 1
+            if stop.all():
+                return
+            if stop.any():
+                keep = torch.as_tensor(~stop)
+                state = self.backbone.select(state, keep)
+                live = live[~stop]
+
+    # -- persistence -------------------------------------------------------------------------
+    def config(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT, "stopwise_version": __version__, "base_model": self.base_id, "base_name": self.base_name,
+            "model_type": self.backbone.model_type, "n_layers": self.n_layers, "hidden_size": self.hidden_size,
+            "pooling": self.pooling, "head": self.head_kind, "mlp_hidden": self.mlp_hidden,
+            "n_classes": len(self.class_names), "class_names": list(self.class_names), "max_length": self.max_length,
+            "heads_sha": self.heads_id, "training": self.training_info,
+        }
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write the heads only (safetensors), a sorted JSON config and the certificate if any."""
+        from safetensors.torch import save_file
+
+        self._require_fitted()
+        path = Path(directory)
+        path.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().contiguous() for k, v in self.heads.state_dict().items()}
+        save_file(tensors, str(path / WEIGHTS_NAME), metadata={"format": FORMAT, "base_model": self.base_id})
+        (path / CONFIG_NAME).write_text(json.dumps(self.config(), indent=2, sort_keys=True) + "\n")
+        cert_path = path / CERTIFICATE_NAME
+        if self.certificate is not None:
+            self.certificate.save(cert_path)
+        elif cert_path.exists():
+            cert_path.unlink()  # a stale certificate would vouch for other heads
+        return path
+
+    @classmethod
+    def from_pretrained(cls, base: Any, directory: str | Path, *, strict: bool = True) -> EarlyExitClassifier:
+        """Load heads saved by :meth:`save_pretrained` onto ``base`` (None: the base named in the config).
+
+        Refuses heads made for another base (other layer count, hidden size or model type; with
+        ``strict``, other weights).
+        """
+        from safetensors.torch import load_file
+
+        path = Path(directory)
+        cfg = _read_config(path)
+        model = cls.from_base(cfg.get("base_name") if base is None else base, class_names=cfg["class_names"],
+                              pooling=cfg.get("pooling"), head=cfg.get("head", "linear"),
+                              mlp_hidden=int(cfg.get("mlp_hidden", 256)), max_length=cfg.get("max_length"))
+        for key, mine in (("model_type", model.backbone.model_type), ("n_layers", model.n_layers), ("hidden_size", model.hidden_size)):
+            if cfg.get(key) is not None and cfg[key] != mine:
+                raise StopwiseError(
+                    f"The heads in '{path}' were trained for a base with {key} = {cfg[key]!r}; the base model "
+                    f"{model.base_name!r} has {key} = {mine!r}. Load them on the base they were made for ({cfg.get('base_name')!r})."
+                )
+        if cfg.get("base_model") not in (None, model.base_id):
+            msg = (f"The heads in '{path}' were trained on base {cfg['base_model']!r}; this base is {model.base_id!r} "
+                   "(same shape, other weights).")
+            if strict:
+                raise StopwiseError(msg + " Pass strict=False to load them anyway.")
+            warnings.warn(msg, UserWarning, stacklevel=2)
+        state = load_file(str(path / WEIGHTS_NAME))
+        try:
+            model.heads.load_state_dict(state)
+        except RuntimeError as exc:
+            raise StopwiseError(f"The heads in '{path}' do not fit this base model: {exc}") from None
+        model.fitted = True
+        model.training_info = dict(cfg.get("training") or {})
+        cert = path / CERTIFICATE_NAME
+        if cert.is_file():
+            certificate = Certificate.load(cert)
+            model.check_certificate(certificate)
+            model.certificate = certificate
+        return model
+
+    def calibrate(self, trace: Trace, rule: Rule | str = "max_prob", **kwargs: Any) -> Certificate:
+        """Calibrate ``rule`` on traces recorded with these heads; the certificate is kept for
+        :meth:`predict` (``certificate=self.certificate``) and :meth:`save_pretrained`."""
+        from stopwise.calibrate import calibrate
+
+        if trace.meta.get("heads") not in (None, self.heads_id):
+            raise StopwiseError(f"The trace was recorded with heads {trace.meta.get('heads')!r}; these heads are {self.heads_id!r}.")
+        rule_obj = make_rule(rule) if isinstance(rule, str) else rule
+        self.certificate = calibrate(trace, rule_obj, **kwargs)
+        return self.certificate
+
+
+def _check_class_names(names: Any) -> tuple[str, ...]:
+    if isinstance(names, str) or not isinstance(names, Sequence) or len(names) < 2:
+        raise StopwiseError(f"The 'class_names' parameter must be a list of at least 2 class names. Got {names!r} instead.")
+    out = tuple(str(x) for x in names)
+    if len(set(out)) != len(out):
+        raise StopwiseError(f"The 'class_names' parameter must hold distinct names. Got {list(out)} instead.")
+    return out
+
+
+def _check_texts(texts: Any) -> list[str]:
+    if isinstance(texts, (str, bytes)):
+        raise StopwiseError("Texts must be a list of strings; got a single string. Wrap it in a list: [text].")
+    try:
+        items = list(texts)
+    except TypeError:
+        raise StopwiseError(f"Texts must be a list of strings. Got {type(texts).__name__} instead.") from None
+    if not items:
+        raise StopwiseError("Texts must be a non-empty list of strings. Got an empty list.")
+    for i, t in enumerate(items):
+        if not isinstance(t, str):
+            raise StopwiseError(f"Texts must be strings. Row {i} is {type(t).__name__}: {t!r:.60}.")
+    empty = [i for i, t in enumerate(items) if not t.strip()]
+    if empty:
+        raise StopwiseError(f"Texts must not be empty or whitespace only. Rows {empty[:10]} are{' (and more)' if len(empty) > 10 else ''}.")
+    return items
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    cfg_path = path / CONFIG_NAME
+    if not cfg_path.is_file() or not (path / WEIGHTS_NAME).is_file():
+        raise StopwiseError(f"'{path}' does not hold stopwise exit heads ({CONFIG_NAME} and {WEIGHTS_NAME}).")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise StopwiseError(f"'{cfg_path}' is not valid JSON: {exc}") from None
+    if not isinstance(cfg, dict) or cfg.get("format") != FORMAT:
+        raise StopwiseError(f"'{cfg_path}' is not a stopwise heads config (format {cfg.get('format') if isinstance(cfg, dict) else None!r}).")
+    unknown = sorted(set(cfg) - CONFIG_KEYS)
+    if unknown:
+        warnings.warn(f"Ignoring unknown keys {unknown} in '{cfg_path}' (written by a newer stopwise?).", UserWarning, stacklevel=3)
+    if "class_names" not in cfg:
+        raise StopwiseError(f"'{cfg_path}' lacks 'class_names'.")
+    return cfg
