@@ -1,0 +1,291 @@
+"""Encoder early exit on the real bundled MiniLM (and one SmolLM2-backbone check)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import stopwise as sw
+
+pytestmark = pytest.mark.model
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from stopwise.encoder import EarlyExitClassifier  # noqa: E402
+from stopwise.encoder.backbone import pool  # noqa: E402
+from stopwise.encoder.data import bbc_news  # noqa: E402
+
+MAX_LEN = 32
+SHIPPED = Path(__file__).resolve().parents[1] / "src" / "stopwise" / "data" / "bbc_minilm.npz"
+
+
+@pytest.fixture(scope="module")
+def bbc():
+    data = bbc_news()
+    rows = np.random.default_rng(0).permutation(len(data))
+    return data.take(rows[:80]), data.take(rows[80:140])
+
+
+@pytest.fixture(scope="module")
+def clf(bbc):
+    torch.set_num_threads(2)
+    train, _ = bbc
+    model = EarlyExitClassifier.from_base("minilm", class_names=train.class_names, max_length=MAX_LEN)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.fit(train.texts, train.labels, progress=False, epochs=60)
+    return model
+
+
+@pytest.fixture(scope="module")
+def test_trace(clf, bbc):
+    _, test = bbc
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return clf.record(test.texts, test.labels, progress=False)
+
+
+def _bare_final_probs(clf, texts):
+    enc = clf.tokenizer(texts, truncation=True, max_length=clf.max_length, padding=True, return_tensors="pt")
+    with torch.inference_mode():
+        hidden = clf.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
+        logits = clf.heads.logits(clf.n_layers - 1, pool(hidden, enc["attention_mask"], clf.pooling))
+        return torch.softmax(logits, dim=-1).double()
+
+
+def _lam_between_values(z_values: np.ndarray) -> float:
+    """A λ halfway between two observed statistic values, so float noise cannot flip a decision."""
+    u = np.unique(z_values[np.isfinite(z_values)])
+    i = len(u) // 2
+    return float((u[i - 1] + u[i]) / 2)
+
+
+def test_stopping_off_is_bit_identical_to_the_bare_model(clf, bbc):
+    texts = bbc[1].texts[:20]
+    ref = _bare_final_probs(clf, texts)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for rule in (None, sw.Never()):
+            pred = clf.predict(texts, rule=rule, batch_size=64, sort=False)
+            assert torch.equal(torch.from_numpy(pred.probs), ref)
+            assert (pred.exit_layer == clf.n_layers).all()
+            assert np.array_equal(pred.predictions, ref.argmax(dim=1).numpy())
+
+
+def test_exited_rows_leave_the_batch(clf, bbc, test_trace):
+    lam = _lam_between_values(sw.MaxProb().z(test_trace)[:, 0])
+    calls: list[int] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pred = clf.predict(bbc[1].texts, rule=sw.MaxProb(lam=lam), batch_size=len(bbc[1].texts), trace_calls=calls)
+    assert calls[0] == len(bbc[1].texts)
+    assert calls[-1] < calls[0] and all(a >= b for a, b in zip(calls, calls[1:], strict=False))
+    # Every layer call ran exactly the rows that had not exited yet.
+    assert sum(calls) == int(pred.exit_layer.sum())
+    assert np.array_equal(pred.cost, pred.exit_layer.astype(float))
+
+
+@pytest.mark.parametrize("rule_name", ["max_prob", "entropy", "patience"])
+def test_online_decisions_equal_offline_halts(clf, bbc, test_trace, rule_name):
+    rule = sw.make_rule(rule_name)
+    if rule_name == "patience":
+        lam = 2.0
+    else:
+        z = rule.z(test_trace)
+        lam = rule.lam_from_threshold(_lam_between_values(z[:, :3]))
+    halts = rule.halts(test_trace, lam)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pred = clf.predict(bbc[1].texts, rule=rule.with_lam(lam), batch_size=16)
+    assert np.array_equal(pred.exit_layer - 1, halts)
+    assert np.array_equal(pred.predictions, test_trace.predictions_at(halts))
+    assert 1 < pred.exit_layer.mean() < clf.n_layers or rule_name == "patience"
+
+
+def test_record_trace_contents(clf, bbc, test_trace):
+    t = test_trace
+    assert t.n == len(bbc[1].texts) and t.n_stages == clf.n_layers
+    assert t.probs.shape == (t.n, clf.n_layers, 5)
+    assert np.array_equal(t.reference, t.predictions[:, -1])
+    assert np.array_equal(t.labels, bbc[1].labels)
+    assert t.meta["base_model"] == clf.base_id and t.meta["heads"] == clf.heads_id
+    assert np.array_equal(t.cost, np.arange(1, 7))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        flops = clf.record(bbc[1].texts[:4], cost="flops", progress=False)
+    assert flops.cost.shape == (4, 6) and (np.diff(flops.cost, axis=1) > 0).all()
+    # The final head is a real classifier on BBC News.
+    assert (t.reference == t.labels).mean() > 0.7
+
+
+def test_certificate_drives_predict_and_refuses_other_heads(clf, bbc, test_trace):
+    cert = clf.calibrate(test_trace, "max_prob", epsilon=0.15, delta=0.2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pred = clf.predict(bbc[1].texts, certificate=cert)
+        assert np.array_equal(pred.exit_layer - 1, cert.make_rule().halts(test_trace))
+        other = EarlyExitClassifier.from_base("minilm", class_names=bbc[0].class_names, max_length=MAX_LEN)
+        other.fit(features=torch.randn(30, 6, 384), labels=np.arange(30) % 5, epochs=5)
+    with pytest.raises(sw.StopwiseError, match="heads"):
+        other.predict(bbc[1].texts[:2], certificate=cert)
+    with pytest.raises(sw.StopwiseError, match="either"):
+        clf.predict(bbc[1].texts[:2], certificate=cert, rule=sw.MaxProb(lam=0.5))
+
+
+def test_save_and_load_round_trip(clf, bbc, tmp_path, test_trace):
+    clf.certificate = sw.calibrate(test_trace, sw.MaxProb(), epsilon=0.15, delta=0.2)
+    out = clf.save_pretrained(tmp_path / "heads")
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["certificate.json", "heads.safetensors", "stopwise_heads.json"]
+    text = (out / "stopwise_heads.json").read_text()
+    cfg = json.loads(text)
+    assert list(cfg) == sorted(cfg)
+    assert cfg["n_layers"] == 6 and cfg["hidden_size"] == 384 and cfg["class_names"] == list(clf.class_names)
+    assert cfg["stopwise_version"] == sw.__version__
+    loaded = EarlyExitClassifier.from_pretrained("minilm", out)
+    assert loaded.heads_id == clf.heads_id and loaded.certificate is not None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert np.array_equal(clf.predict(bbc[1].texts[:8]).probs, loaded.predict(bbc[1].texts[:8]).probs)
+        a = clf.predict(bbc[1].texts[:8], certificate=clf.certificate)
+        b = loaded.predict(bbc[1].texts[:8], certificate=loaded.certificate)
+    assert np.array_equal(a.probs, b.probs) and np.array_equal(a.exit_layer, b.exit_layer)
+    cfg["from_the_future"] = 1
+    (out / "stopwise_heads.json").write_text(json.dumps(cfg))
+    with pytest.warns(UserWarning, match="from_the_future"):
+        EarlyExitClassifier.from_pretrained(None, out)
+
+
+def test_heads_for_another_base_are_refused(clf, tmp_path):
+    from transformers import BertConfig, BertModel
+
+    out = clf.save_pretrained(tmp_path / "heads")
+    tiny = BertModel(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                intermediate_size=64))
+    with pytest.raises(sw.StopwiseError, match="n_layers = 6.*has n_layers = 2"):
+        EarlyExitClassifier.from_pretrained((tiny, clf.tokenizer), out)
+
+
+def test_training_is_seeded_and_distillation_needs_no_labels(clf, bbc):
+    feats = torch.randn(40, 6, 384, generator=torch.Generator().manual_seed(1))
+    y = np.arange(40) % 5
+    a = EarlyExitClassifier(clf.model, clf.tokenizer, class_names=clf.class_names, base_name="minilm").fit(features=feats, labels=y, epochs=20)
+    b = EarlyExitClassifier(clf.model, clf.tokenizer, class_names=clf.class_names, base_name="minilm").fit(features=feats, labels=y, epochs=20)
+    assert a.heads_id == b.heads_id
+    final = a.heads.heads[-1].net.weight.clone()
+    a.fit(features=feats, objective="distill", epochs=20)  # no labels: the final head teaches
+    assert torch.equal(a.heads.heads[-1].net.weight, final) and a.heads_id != b.heads_id
+    c = EarlyExitClassifier(clf.model, clf.tokenizer, class_names=clf.class_names, base_name="minilm", head="mlp")
+    c.fit(features=feats, labels=y, objective="both", optimizer="lbfgs", epochs=10)
+    assert c.config()["head"] == "mlp"
+
+
+def test_bad_inputs_get_clear_errors(clf):
+    with pytest.raises(sw.StopwiseError, match="single string"):
+        clf.predict("one text")
+    with pytest.raises(sw.StopwiseError, match="empty"):
+        clf.predict(["fine", "   "])
+    with pytest.raises(sw.StopwiseError, match="Row 1 is int"):
+        clf.predict(["fine", 3])
+    with pytest.raises(sw.StopwiseError, match="Unknown rule"):
+        clf.predict(["fine"], rule="no_such_rule")
+    with pytest.raises(sw.StopwiseError, match="has no λ"):
+        clf.predict(["fine"], rule=sw.MaxProb())
+    with pytest.raises(sw.StopwiseError, match="not one of the head's classes"):
+        clf.record(["fine"], labels=["weather"])
+    with pytest.raises(sw.StopwiseError, match="class name or an id"):
+        clf.record(["fine"], labels=[9])
+    with pytest.raises(sw.StopwiseError, match="not trained"):
+        EarlyExitClassifier(clf.model, clf.tokenizer, class_names=["a", "b"], base_name="x").predict(["fine"])
+    with pytest.warns(UserWarning, match="1 of 2 texts are longer than 32 tokens") as record:
+        clf.predict(["short", "long " * 400])
+    assert len([w for w in record if "truncated" in str(w.message)]) == 1
+
+
+def test_unsupported_architecture_names_itself_and_the_supported(clf):
+    from transformers import GPT2Config, GPT2Model
+
+    gpt2 = GPT2Model(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=100, n_positions=32))
+    with pytest.raises(sw.StopwiseError, match="'gpt2' is not supported.*bert.*llama"):
+        EarlyExitClassifier.from_base((gpt2, clf.tokenizer), class_names=["a", "b"])
+
+
+@pytest.mark.parametrize("family", ["roberta", "distilbert", "qwen2"])
+def test_other_families_run_layer_by_layer_bit_identically(clf, family):
+    """Tiny random models of other families (built from configs: no download) go through the same
+    generic path: stopping off equals the bare model; early exit runs."""
+    import transformers as tf
+
+    small = {"vocab_size": 30522, "num_attention_heads": 2}
+    cfg = {
+        "roberta": lambda: tf.RobertaConfig(hidden_size=32, num_hidden_layers=3, intermediate_size=64, pad_token_id=0, **small),
+        "distilbert": lambda: tf.DistilBertConfig(dim=32, n_layers=3, n_heads=2, hidden_dim=64, vocab_size=30522),
+        "qwen2": lambda: tf.Qwen2Config(hidden_size=32, num_hidden_layers=3, intermediate_size=64, num_key_value_heads=1, **small),
+    }[family]()
+    torch.manual_seed(0)
+    model = tf.AutoModel.from_config(cfg).eval()
+    m = EarlyExitClassifier.from_base((model, clf.tokenizer), class_names=["a", "b", "c"], max_length=24)
+    texts = ["a short one", "a somewhat longer sentence about markets and shares", "x"]
+    m.fit(texts * 4, [0, 1, 2] * 4, epochs=20, progress=False)
+    ref = _bare_final_probs(m, texts)
+    assert torch.equal(torch.from_numpy(m.predict(texts, batch_size=8, sort=False).probs), ref)
+    pred = m.predict(texts, rule=sw.MaxProb(lam=0.0))  # everyone exits at layer 1
+    assert (pred.exit_layer == 1).all()
+
+
+def test_smollm2_as_a_30_layer_classifier_backbone():
+    m = EarlyExitClassifier.from_base("smollm2", class_names=["no", "yes"], max_length=16)
+    assert m.n_layers == 30 and m.pooling == "last" and m.backbone.decoder
+    texts = ["Is the sky blue?", "Stocks fell sharply on Monday as investors worried."]
+    m.fit(texts, ["yes", "no"], epochs=5, progress=False)
+    ref = _bare_final_probs(m, texts)  # AutoModel output includes LLaMA's final norm
+    assert torch.equal(torch.from_numpy(m.predict(texts, sort=False).probs), ref)
+    calls: list[int] = []
+    pred = m.predict(texts, rule=sw.Patience(lam=1), trace_calls=calls)
+    assert sum(calls) == int(pred.exit_layer.sum())
+
+
+def test_shipped_trace_is_real_and_small():
+    assert SHIPPED.is_file() and SHIPPED.stat().st_size < 2_000_000
+    t = sw.Trace.load(SHIPPED)
+    assert t.n_stages == 6 and t.probs is not None and t.labels is not None and t.n > 1000
+    assert t.meta["n_cal"] + t.meta["n_test"] == t.n
+    assert t.meta["base_model"].startswith("bert-6x384")
+    assert (t.reference == t.labels).mean() > 0.9
+
+
+def test_encoder_modules_import_without_torch():
+    code = "import sys, stopwise.encoder, stopwise.encoder.cli, stopwise.encoder.data; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_cli_train_record_calibrate_predict(tmp_path, bbc, capsys):
+    from stopwise.cli import main
+
+    train, test = bbc
+    names = train.class_names
+    jl = tmp_path / "train.jsonl"
+    jl.write_text("\n".join(json.dumps({"text": t, "label": names[y]}) for t, y in zip(train.texts[:40], train.labels[:40], strict=True)))
+    cal = tmp_path / "cal.jsonl"
+    cal.write_text("\n".join(json.dumps({"text": t, "label": names[y]}) for t, y in zip(test.texts, test.labels, strict=True)))
+    plain = tmp_path / "texts.txt"
+    plain.write_text("\n".join(t.replace("\n", " ") for t in test.texts[:5]) + "\n\n")
+    heads = tmp_path / "heads"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(["encoder", "train", str(jl), "--out", str(heads), "--max-length", "24", "--epochs", "30"]) == 0
+        assert main(["encoder", "record", str(heads), "--texts", str(cal), "-o", str(tmp_path / "t.npz")]) == 0
+        assert main(["encoder", "calibrate", str(heads), str(tmp_path / "t.npz"), "--epsilon", "0.15", "--delta", "0.2"]) == 0
+        capsys.readouterr()
+        assert main(["encoder", "predict", str(heads), "--texts", str(plain), "-o", str(tmp_path / "p.json")]) == 0
+    out = json.loads((tmp_path / "p.json").read_text())
+    assert out["stopping"] == "certificate" and len(out["predictions"]) == 5
+    assert set(out["predictions"]) <= set(names)
+    assert main(["encoder", "predict", str(heads), "--texts", str(tmp_path / "missing.txt")]) == 2
