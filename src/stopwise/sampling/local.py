@@ -61,11 +61,17 @@ class LocalBackend:
     def encode_prompt(self, prompt: str) -> list[int]:
         """Token ids of a user prompt, chat-templated when the model has a template."""
         if self.chat:
-            messages = ([{"role": "system", "content": self.system}] if self.system else []) + [
-                {"role": "user", "content": prompt}]
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+            return self.encode_messages([{"role": "user", "content": prompt}])
         return list(self.tokenizer(prompt)["input_ids"])
+
+    def encode_messages(self, messages: Sequence[dict[str, str]]) -> list[int]:
+        """Token ids of a chat conversation ending with the assistant's turn."""
+        if not self.chat:
+            return self.encode("\n".join(m["content"] for m in messages) + "\n")
+        if self.system and messages and messages[0].get("role") != "system":
+            messages = [{"role": "system", "content": self.system}, *messages]
+        text = self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -147,7 +153,7 @@ class LocalBackend:
                 tokens[row].append(int(chosen[j]))
                 logps[row].append(float(lp[j]))
                 if stop and any(s in self.decode(tokens[row][-8:]) for s in stop):
-                    reasons[row] = "stop"
+                    reasons[row] = "stop_string"  # the servers report "stop"; DEER needs to tell EOS apart
                     continue
                 keep.append(j)
             if not keep:

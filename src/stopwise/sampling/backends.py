@@ -1,0 +1,266 @@
+"""Sampling backends without torch: a plain Python callable and any OpenAI-compatible endpoint.
+
+Every backend offers ``generate(prompts, *, n, temperature, max_tokens, seeds) -> list[list[Completion]]``
+(the local HF backend in :mod:`stopwise.sampling.local` too) and ``agenerate(prompt, ...)`` for
+one prompt, awaitable and cancellable, used by the asynchronous sampler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import random
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from stopwise._errors import StopwiseError, check_choice
+from stopwise.sampling.types import Completion
+
+RETRY_STATUS = (408, 409, 425, 429, 500, 502, 503, 504)
+
+
+class EndpointError(StopwiseError):
+    """The endpoint is down, too slow, refused the request, or answered something malformed."""
+
+
+def _as_completion(item: Any) -> Completion:
+    if isinstance(item, Completion):
+        return item
+    if item is None:
+        return Completion(text="", n_tokens=0, finish_reason="error")
+    text = str(item)
+    return Completion(text=text, n_tokens=len(text.split()))
+
+
+class CallableBackend:
+    """Wrap ``fn(prompt, *, n, temperature, max_tokens, seed)`` returning n strings/Completions
+    (or one string when n == 1). Coroutine functions are awaited in :meth:`agenerate`."""
+
+    name = "callable"
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        if not callable(fn):
+            raise StopwiseError(f"The 'fn' parameter of CallableBackend must be callable. Got {fn!r} instead.")
+        self.fn = fn
+
+    def _normalise(self, out: Any, n: int) -> list[Completion]:
+        items = [out] if isinstance(out, (str, Completion)) or out is None else list(out)
+        if len(items) != n:
+            raise StopwiseError(f"The sampling callable returned {len(items)} completions for n = {n}; it must return n.")
+        return [_as_completion(x) for x in items]
+
+    def generate(self, prompts: Sequence[str], *, n: int = 1, temperature: float = 0.7, max_tokens: int = 96,
+                 seeds: Sequence[int] | int = 0) -> list[list[Completion]]:
+        seed_list = [seeds] * len(prompts) if isinstance(seeds, int) else list(seeds)
+        out = []
+        for p, s in zip(prompts, seed_list):
+            res = self.fn(p, n=n, temperature=temperature, max_tokens=max_tokens, seed=s)
+            if inspect.isawaitable(res):
+                raise StopwiseError("This sampling callable is a coroutine function: use the asynchronous sampler (arun).")
+            out.append(self._normalise(res, n))
+        return out
+
+    async def agenerate(self, prompt: str, *, n: int = 1, temperature: float = 0.7, max_tokens: int = 96,
+                        seed: int = 0) -> list[Completion]:
+        res = self.fn(prompt, n=n, temperature=temperature, max_tokens=max_tokens, seed=seed)
+        if inspect.isawaitable(res):
+            res = await res
+        return self._normalise(res, n)
+
+
+class HTTPBackend:
+    """An OpenAI-compatible endpoint (vLLM, llama.cpp server, TGI, ``stopwise serve``, ...).
+
+    Args:
+        base_url: e.g. ``http://127.0.0.1:8000/v1``.
+        model: the model name the server expects.
+        api: ``"chat"`` (``/chat/completions``) or ``"completions"`` (raw prompts).
+        timeout: seconds per request (connect, read, write).
+        retries: extra attempts on connection errors, timeouts, 429 and 5xx, with exponential
+            backoff (``backoff`` * 2^attempt seconds, jittered).
+        max_n: the largest ``n`` one request may ask for; larger requests are split.
+        logprobs: ask for token log-probabilities (confidences and DEER scores need them).
+    """
+
+    name = "http"
+
+    def __init__(self, base_url: str, *, model: str = "default", api: str = "chat", timeout: float = 60.0,
+                 retries: int = 3, backoff: float = 0.5, max_n: int = 16, logprobs: bool = True,
+                 api_key: str | None = None, system: str | None = None, extra: dict[str, Any] | None = None) -> None:
+        if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
+            raise StopwiseError(f"The 'base_url' parameter of HTTPBackend must be an http(s) URL. Got {base_url!r} instead.")
+        self.base_url = base_url.rstrip("/")
+        self.model = model
+        self.api = check_choice(api, "api", "HTTPBackend", ("chat", "completions"))
+        if not timeout > 0:
+            raise StopwiseError(f"The 'timeout' parameter of HTTPBackend must be > 0 seconds. Got {timeout!r} instead.")
+        self.timeout = float(timeout)
+        self.retries = max(0, int(retries))
+        self.backoff = float(backoff)
+        self.max_n = max(1, int(max_n))
+        self.logprobs = bool(logprobs)
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.system = system
+        self.extra = dict(extra or {})
+        self.requests_sent = 0
+
+    # -- request building and parsing ----------------------------------------------------------
+    @property
+    def url(self) -> str:
+        return f"{self.base_url}/{'chat/completions' if self.api == 'chat' else 'completions'}"
+
+    def payload(self, prompt: str, *, n: int, temperature: float, max_tokens: int, seed: int | None,
+                raw: bool = False, stop: Sequence[str] = ()) -> dict[str, Any]:
+        body: dict[str, Any] = {"model": self.model, "n": n, "temperature": temperature, "max_tokens": max_tokens}
+        if seed is not None:
+            body["seed"] = int(seed) % (2**31)
+        if stop:
+            body["stop"] = list(stop)
+        if self.api == "chat" and not raw:
+            messages = ([{"role": "system", "content": self.system}] if self.system else []) + [
+                {"role": "user", "content": prompt}]
+            body["messages"] = messages
+            if self.logprobs:
+                body["logprobs"] = True
+        else:
+            body["prompt"] = prompt
+            if self.logprobs:
+                body["logprobs"] = 1
+        body.update(self.extra)
+        return body
+
+    def parse(self, data: Any, n: int) -> list[Completion]:
+        """Completions from a response body; a choice without text is an empty completion."""
+        if not isinstance(data, dict) or not isinstance(data.get("choices"), list):
+            raise EndpointError(f"Malformed response from {self.url}: expected a JSON object with a 'choices' list. "
+                                f"Got {str(data)[:200]!r}.")
+        choices = sorted(data["choices"], key=lambda c: c.get("index", 0) if isinstance(c, dict) else 0)
+        out = [_parse_choice(c) for c in choices]
+        if len(out) != n:
+            raise EndpointError(f"Malformed response from {self.url}: asked for n = {n} choices, got {len(out)}.")
+        return out
+
+    def _chunks(self, n: int) -> list[int]:
+        return [min(self.max_n, n - i) for i in range(0, n, self.max_n)]
+
+    # -- synchronous ---------------------------------------------------------------------------
+    def generate(self, prompts: Sequence[str], *, n: int = 1, temperature: float = 0.7, max_tokens: int = 96,
+                 seeds: Sequence[int] | int = 0, raw: bool = False, stop: Sequence[str] = ()) -> list[list[Completion]]:
+        import httpx
+
+        seed_list = [seeds + i for i in range(len(prompts))] if isinstance(seeds, int) else list(seeds)
+        out = []
+        with httpx.Client(timeout=self.timeout, headers=self.headers) as client:
+            for prompt, seed in zip(prompts, seed_list):
+                comps: list[Completion] = []
+                for j, m in enumerate(self._chunks(n)):
+                    body = self.payload(prompt, n=m, temperature=temperature, max_tokens=max_tokens,
+                                        seed=seed + j, raw=raw, stop=stop)
+                    comps += self.parse(self._post_sync(client, body), m)
+                out.append(comps)
+        return out
+
+    def _post_sync(self, client: Any, body: dict[str, Any]) -> Any:
+        import httpx
+
+        for attempt in range(self.retries + 1):
+            self.requests_sent += 1
+            try:
+                resp = client.post(self.url, json=body)
+            except (httpx.TransportError, httpx.TimeoutException) as exc:
+                if attempt == self.retries:
+                    raise self._down(exc) from None
+            else:
+                if resp.status_code in RETRY_STATUS and attempt < self.retries:
+                    pass
+                else:
+                    return self._decode(resp)
+            time.sleep(self._delay(attempt))
+        raise AssertionError("unreachable")
+
+    # -- asynchronous --------------------------------------------------------------------------
+    async def agenerate(self, prompt: str, *, n: int = 1, temperature: float = 0.7, max_tokens: int = 96,
+                        seed: int = 0, raw: bool = False, stop: Sequence[str] = (), client: Any = None) -> list[Completion]:
+        """One request per ``max_n`` chunk; cancelling the task aborts the HTTP request."""
+        import httpx
+
+        own = client is None
+        client = client or httpx.AsyncClient(timeout=self.timeout, headers=self.headers)
+        try:
+            comps: list[Completion] = []
+            for j, m in enumerate(self._chunks(n)):
+                body = self.payload(prompt, n=m, temperature=temperature, max_tokens=max_tokens,
+                                    seed=seed + j, raw=raw, stop=stop)
+                comps += self.parse(await self._post_async(client, body), m)
+            return comps
+        finally:
+            if own:
+                await client.aclose()
+
+    async def _post_async(self, client: Any, body: dict[str, Any]) -> Any:
+        import httpx
+
+        for attempt in range(self.retries + 1):
+            self.requests_sent += 1
+            try:
+                resp = await client.post(self.url, json=body)
+            except (httpx.TransportError, httpx.TimeoutException) as exc:
+                if attempt == self.retries:
+                    raise self._down(exc) from None
+            else:
+                if not (resp.status_code in RETRY_STATUS and attempt < self.retries):
+                    return self._decode(resp)
+            await asyncio.sleep(self._delay(attempt))
+        raise AssertionError("unreachable")
+
+    def client(self) -> Any:
+        import httpx
+
+        return httpx.AsyncClient(timeout=self.timeout, headers=self.headers)
+
+    # -- errors ------------------------------------------------------------------------------------
+    def _delay(self, attempt: int) -> float:
+        return float(self.backoff * (2**attempt) * (0.5 + random.random() / 2))
+
+    def _down(self, exc: Exception) -> EndpointError:
+        what = "timed out" if "Timeout" in type(exc).__name__ else "is unreachable"
+        return EndpointError(f"The endpoint {self.url} {what} after {self.retries + 1} attempts "
+                             f"(timeout {self.timeout:g} s): {type(exc).__name__}: {exc}")
+
+    def _decode(self, resp: Any) -> Any:
+        if resp.status_code >= 400:
+            detail = resp.text[:300]
+            hint = ""
+            if resp.status_code in (400, 422) and any(t in detail for t in ('"n"', "'n'", " n ", "n=")):
+                hint = f" (is n above the server's limit? lower HTTPBackend(max_n=...), now {self.max_n})"
+            raise EndpointError(f"The endpoint {self.url} answered HTTP {resp.status_code}{hint}: {detail}")
+        try:
+            return resp.json()
+        except ValueError:
+            raise EndpointError(f"Malformed response from {self.url}: not JSON: {resp.text[:200]!r}") from None
+
+
+def _parse_choice(choice: Any) -> Completion:
+    if not isinstance(choice, dict):
+        return Completion(text="", n_tokens=0, finish_reason="malformed")
+    message = choice.get("message")
+    text = message.get("content") if isinstance(message, dict) else choice.get("text")
+    if not isinstance(text, str):
+        text = ""
+    logprobs = _parse_logprobs(choice.get("logprobs"))
+    n_tokens = len(logprobs) if logprobs is not None else len(text.split())
+    return Completion(text=text, n_tokens=n_tokens, logprobs=logprobs, finish_reason=choice.get("finish_reason"))
+
+
+def _parse_logprobs(lp: Any) -> tuple[float, ...] | None:
+    if not isinstance(lp, dict):
+        return None
+    try:
+        if isinstance(lp.get("content"), list):  # chat format
+            return tuple(float(t["logprob"]) for t in lp["content"])
+        if isinstance(lp.get("token_logprobs"), list):  # completions format
+            return tuple(float(x) for x in lp["token_logprobs"] if x is not None)
+    except (KeyError, TypeError, ValueError):
+        return None
+    return None

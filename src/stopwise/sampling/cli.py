@@ -1,0 +1,146 @@
+"""`stopwise sample record|calibrate|run` and `stopwise serve`. Importing this module never imports torch."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from stopwise._errors import StopwiseError
+
+
+def _questions(args: argparse.Namespace) -> list[Any]:
+    from stopwise.sampling.data import load_questions, math_questions
+
+    if args.questions == "math":
+        return math_questions(args.count, seed=args.data_seed)
+    return load_questions(args.questions)
+
+
+def _backend(args: argparse.Namespace) -> Any:
+    if args.endpoint:
+        from stopwise.sampling.backends import HTTPBackend
+
+        return HTTPBackend(args.endpoint, model=args.model, timeout=args.timeout, retries=args.retries, max_n=args.max_n)
+    from stopwise.sampling.local import LocalBackend
+
+    return LocalBackend(args.model, threads=args.threads, system=args.system)
+
+
+def _backend_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("questions", help="a JSONL question file (prompt, id, label), or 'math' for mathematics-dataset problems")
+    p.add_argument("--count", type=int, default=200, help="number of 'math' problems (default 200)")
+    p.add_argument("--data-seed", type=int, default=0)
+    p.add_argument("--model", default="smollm2", help="bundled name or local directory; for --endpoint, the served model name")
+    p.add_argument("--endpoint", help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1 (default: local model)")
+    p.add_argument("--timeout", type=float, default=60.0)
+    p.add_argument("--retries", type=int, default=3)
+    p.add_argument("--max-n", type=int, default=16, help="largest n per request the endpoint accepts")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--system", default=None, help="system message for the chat template")
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--max-tokens", type=int, default=96)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--extract", default="number", help="number | choice | string | marker")
+
+
+def cmd_record(args: argparse.Namespace) -> int:
+    from stopwise.sampling.record import convert, record
+
+    status = record(_questions(args), _backend(args), args.output, n=args.n, model=args.model, extract=args.extract,
+                    temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed,
+                    batch_questions=args.batch_questions, limit=args.limit, progress=not args.no_progress)
+    trace_path = Path(args.trace or Path(args.output).with_suffix(".npz"))
+    trace = convert(args.output, trace_path, n_samples=args.n, extract=None)
+    print(json.dumps({**status, "trace": str(trace_path), "n": trace.n, "stages": trace.n_stages}))
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from stopwise.sampling.certify import certify
+    from stopwise.trace import Trace
+
+    trace = Trace.load(args.trace)
+    cert = certify(trace, args.rule, epsilon=args.epsilon, delta=args.delta, risk=args.risk)
+    if args.output:
+        cert.save(args.output)
+    print(cert.to_json() if args.json else str(cert))
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from stopwise.certificate import Certificate
+    from stopwise.sampling.sampler import AdaptiveSampler, summarise
+
+    rule: Any = Certificate.load(args.certificate) if args.certificate else args.rule
+    sampler = AdaptiveSampler(_backend(args), rule, lam=args.lam, max_samples=args.max_samples, step=args.step,
+                              extract=args.extract, temperature=args.temperature, max_tokens=args.max_tokens,
+                              vote=args.vote, seed=args.seed)
+    questions = _questions(args)
+    results = sampler.arun_sync(questions) if args.endpoint else sampler.run(questions)
+    for q, r in zip(questions, results):
+        print(json.dumps({"id": r.id, "answer": r.answer, "label": getattr(q, "label", None), "samples": r.n_samples,
+                          "tokens": r.n_tokens, "stopped_early": r.stopped_early}))
+    print(json.dumps({"summary": summarise(results, max_samples=args.max_samples)}), file=sys.stderr)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from stopwise.sampling.server import check_host, serve
+
+    check_host(args.host)
+    serve(model=args.model, host=args.host, port=args.port, max_n=args.max_n, max_tokens=args.max_tokens,
+          threads=args.threads, system=args.system)
+    return 0
+
+
+def register_cli(subparsers: Any) -> None:
+    sample = subparsers.add_parser("sample", help="early-stopped self-consistency sampling (record, calibrate, run)")
+    sub = sample.add_subparsers(dest="sample_command", required=True)
+
+    p = sub.add_parser("record", help="record N samples per question into a resumable JSONL checkpoint and a trace")
+    _backend_options(p)
+    p.add_argument("-n", "--n", type=int, default=16, help="samples per question (default 16)")
+    p.add_argument("-o", "--output", required=True, help="JSONL checkpoint (appended; rerun to resume)")
+    p.add_argument("--trace", help="trace .npz path (default: the checkpoint with .npz)")
+    p.add_argument("--batch-questions", type=int, default=2)
+    p.add_argument("--limit", type=int, default=None, help="record at most this many new questions")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_record)
+
+    p = sub.add_parser("calibrate", help="certify λ of a sampling rule on a recorded trace")
+    p.add_argument("trace")
+    p.add_argument("--rule", default="settled", help="settled | asc | dirichlet | dsc | esc | confidence (default settled)")
+    p.add_argument("--epsilon", type=float, default=0.05)
+    p.add_argument("--delta", type=float, default=0.1)
+    p.add_argument("--risk", default="gap", help="gap (vs the N-sample vote) | accuracy_drop (needs labels)")
+    p.add_argument("-o", "--output", help="write the certificate JSON here")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser("run", help="answer questions with early-stopped sampling")
+    _backend_options(p)
+    p.add_argument("--rule", default="settled", help="esc | asc | dirichlet | dsc | first_finish | confidence | settled")
+    p.add_argument("--certificate", help="use the certified rule of this certificate")
+    p.add_argument("--lam", type=float, default=None)
+    p.add_argument("--max-samples", type=int, default=16)
+    p.add_argument("--step", type=int, default=1)
+    p.add_argument("--vote", default="majority", help="majority | weighted")
+    p.set_defaults(func=cmd_run)
+
+    p = subparsers.add_parser("serve", help="serve a local model over an OpenAI-compatible API (loopback only)")
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-n", type=int, default=16)
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--system", default=None)
+    p.set_defaults(func=cmd_serve)
+
+
+def _check_no_torch() -> None:  # used by the tests
+    if "torch" in sys.modules:
+        raise StopwiseError("torch was imported by stopwise.sampling.cli")
