@@ -1,0 +1,190 @@
+"""Encoder early exit, certified: quality gap, layers saved, and measured wall-clock speedup.
+
+For each backbone (MiniLM-L6; SmolLM2-135M as a 30-layer classifier backbone) and task (whole BBC
+News articles; single BBC sentences labelled with their article's category; CHAMP maths problems
+and solution steps labelled with their topic, if ``champ-dataset`` is installed), heads are
+trained on a train split (whole documents per split), the rules max_prob, entropy (DeeBERT) and
+patience (PABEE) are certified at each ε with δ = 0.1 on the calibration split (gap to the full
+model), and measured on the test split:
+
+- test_gap (disagreement with the full model, the certified risk) and test_accuracy_gap (full
+  model accuracy minus early-exit accuracy), mean_layers, oracle_mean_layers (first layer that
+  agrees with the full model), savings_vs_oracle = layers saved / oracle layers saved;
+- wall_speedup at batch 32 and batch 1: full model vs early exit on the same test rows, timed
+  from token ids to predictions in the same run (tokenization timed separately); ideal_speedup
+  = full layers / mean layers used;
+- split_validity: the share of repeated random calibration/test splits whose certified rule had
+  test gap <= ε.
+
+    PYTHONPATH=src python benchmarks/encoder.py --json [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import warnings
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+EPSILONS = (0.005, 0.01, 0.02)
+DELTA = 0.1
+RULES = ("max_prob", "entropy", "patience")
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _tasks(quick: bool) -> dict[str, Any]:
+    from stopwise.encoder import data
+
+    tasks = {"bbc_articles": data.bbc_news, "bbc_sentences": lambda: data.bbc_sentences(per_article=1)}
+    try:
+        data.champ_steps()
+        tasks["champ_steps"] = data.champ_steps
+    except Exception as exc:  # optional data set
+        _log(f"skipping champ_steps: {exc}")
+    return tasks
+
+
+def _subsample(ts: Any, cap: int, seed: int) -> Any:
+    import numpy as np
+
+    if len(ts) <= cap:
+        return ts
+    groups = np.unique(ts.groups)
+    rng = np.random.default_rng(seed)
+    chosen = rng.permutation(groups)
+    rows = np.flatnonzero(np.isin(ts.groups, chosen[: max(1, int(len(groups) * cap / len(ts)))]))
+    return ts.take(rows)
+
+
+def _time(clf: Any, enc: Any, batch: int, **kw: Any) -> tuple[float, Any]:
+    t0 = time.perf_counter()
+    pred = clf.predict(enc, batch_size=batch, **kw)
+    return time.perf_counter() - t0, pred
+
+
+def run_one(backbone: str, task: str, ts: Any, *, max_length: int, n_time32: int, n_time1: int, repeats: int) -> dict[str, Any]:
+    import numpy as np
+
+    import stopwise as sw
+    from stopwise.encoder import recipes
+    from stopwise.validity import split_repeats
+
+    t0 = time.perf_counter()
+    prep = recipes.prepare(ts, base=backbone, max_length=max_length, progress=False)
+    clf = prep.clf
+    cal, test = prep.trace("cal"), prep.trace("test")
+    L = clf.n_layers
+    _log(f"{backbone}/{task}: n train/cal/test = {len(prep.splits['train'])}/{cal.n}/{test.n}, prepared in {time.perf_counter() - t0:.0f} s")
+    test_texts = prep.texts("test")
+    t_tok = time.perf_counter()
+    enc_all = clf.tokenize(test_texts)
+    tok_seconds = time.perf_counter() - t_tok
+    from stopwise.encoder.model import Encoded
+
+    enc32 = Encoded(enc_all.ids[:n_time32])
+    enc1 = Encoded(enc_all.ids[:n_time1])
+    full32, _ = _time(clf, enc32, 32)
+    full1, _ = _time(clf, enc1, 1)
+    y = test.labels
+    full_acc = float(np.mean(test.reference == y))
+    both = sw.Trace.concat([cal, test])
+    rows = []
+    for rule_name in RULES:
+        for eps in EPSILONS:
+            rule = sw.make_rule(rule_name)
+            try:
+                cert = sw.calibrate(cal, rule, epsilon=eps, delta=DELTA, risk="gap")
+            except sw.CalibrationError as exc:  # calibration set too small for this ε
+                rows.append({"rule": rule_name, "epsilon": eps, "certified": False, "error": str(exc)})
+                continue
+            ev = sw.evaluate(test, cert.make_rule(), risk="gap")
+            halts = cert.make_rule().halts(test)
+            early_acc = float(np.mean(test.predictions_at(halts) == y))
+            mean_layers = float(halts.mean() + 1)
+            oracle = ev["oracle_mean_stages"]
+            w32, p32 = _time(clf, enc32, 32, certificate=cert)
+            w1, p1 = _time(clf, enc1, 1, certificate=cert)
+            val = split_repeats(both, rule, n_cal=cal.n, repeats=repeats, epsilon=eps, delta=DELTA, seed=1)
+            ok = val.certified.astype(bool)
+            rows.append({
+                "rule": rule_name, "epsilon": eps, "delta": DELTA, "certified": cert.certified, "lam": cert.lam,
+                "test_gap": ev["risk"], "test_accuracy_gap": full_acc - early_acc,
+                "full_accuracy": full_acc, "early_accuracy": early_acc,
+                "mean_layers": mean_layers, "oracle_mean_layers": oracle, "n_layers": L,
+                "savings_vs_oracle": (L - mean_layers) / (L - oracle) if L > oracle else 0.0,
+                "ideal_speedup": L / mean_layers,
+                "wall_speedup_b32": full32 / w32, "ideal_speedup_b32": L / float(p32.exit_layer.mean()),
+                "wall_speedup_b1": full1 / w1, "ideal_speedup_b1": L / float(p1.exit_layer.mean()),
+                "split_validity": {
+                    "repeats": repeats,
+                    "share_gap_within_epsilon": float((val.risks <= eps).mean()),
+                    "share_certified": float(ok.mean()),
+                    "share_within_epsilon_among_certified": float((val.risks[ok] <= eps).mean()) if ok.any() else None,
+                },
+            })
+    return {
+        "backbone": backbone, "task": task, "n_layers": L, "max_length": max_length,
+        "n_train": int(len(prep.splits["train"])), "n_cal": cal.n, "n_test": test.n,
+        "full_accuracy": full_acc, "oracle_mean_layers": float(sw.evaluate(test, sw.Never())["oracle_mean_stages"]),
+        "timing": {"rows_b32": len(enc32), "rows_b1": len(enc1), "full_seconds_b32": full32, "full_seconds_b1": full1,
+                   "tokenize_seconds_all_test": tok_seconds, "n_test_tokenized": len(enc_all)},
+        "rows": rows, "seconds": time.perf_counter() - t0,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    parser.add_argument("--quick", action="store_true", help="small run: fewer rows, shorter texts, fewer repeats")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--backbones", default="minilm,smollm2")
+    args = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    caps = {"minilm": 1200 if args.quick else 2400, "smollm2": 350 if args.quick else 1200}
+    settings = {"max_length": 24 if args.quick else 48, "n_time32": 96 if args.quick else 256,
+                "n_time1": 16 if args.quick else 64, "repeats": 30 if args.quick else 200}
+    t0 = time.perf_counter()
+    results = []
+    for backbone in args.backbones.split(","):
+        for task, load in _tasks(args.quick).items():
+            if args.quick and backbone == "smollm2" and task == "champ_steps":
+                continue  # the quick run keeps the 30-layer backbone to the two BBC tasks
+            ts = _subsample(load(), caps[backbone], seed=0)
+            try:
+                results.append(run_one(backbone, task, ts, **settings))
+            except Exception as exc:  # one failing pair must not lose the others' results
+                _log(f"{backbone}/{task} failed: {exc!r}")
+                results.append({"backbone": backbone, "task": task, "error": repr(exc), "rows": []})
+    rows = [r for res in results for r in res["rows"] if r.get("certified")]
+    out = {
+        "benchmark": "encoder", "quick": args.quick, "epsilons": list(EPSILONS), "delta": DELTA, "rules": list(RULES),
+        "settings": {**settings, "caps": caps, "threads": args.threads}, "results": results,
+        "best_savings_vs_oracle": max((r["savings_vs_oracle"] for r in rows), default=None),
+        "min_wall_over_ideal": min((min(r["wall_speedup_b32"] / r["ideal_speedup_b32"], r["wall_speedup_b1"] / r["ideal_speedup_b1"])
+                                    for r in rows), default=None),
+        "share_splits_gap_within_epsilon": _mean([r["split_validity"]["share_gap_within_epsilon"] for r in rows]),
+        "min_share_splits_gap_within_epsilon": min((r["split_validity"]["share_gap_within_epsilon"] for r in rows), default=None),
+        "seconds": time.perf_counter() - t0,
+    }
+    print(json.dumps(out, indent=None if args.json else 2, sort_keys=True))
+
+
+def _mean(xs: list[float]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
+
+
+if __name__ == "__main__":
+    main()
