@@ -24,7 +24,7 @@ from torch import nn
 from stopwise._errors import StopwiseError
 
 #: Encoder families (bidirectional attention, called as layer(hidden, mask)).
-ENCODER_TYPES = ("bert", "roberta", "xlm-roberta", "electra", "camembert", "distilbert")
+ENCODER_TYPES = ("bert", "roberta", "xlm-roberta", "camembert", "distilbert")
 #: Decoder LLM families (causal attention, rotary position embeddings passed to each layer).
 DECODER_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 SUPPORTED_TYPES = ENCODER_TYPES + DECODER_TYPES
