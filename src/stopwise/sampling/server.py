@@ -17,6 +17,11 @@ from typing import Any
 
 from stopwise._errors import StopwiseError
 
+try:  # FastAPI resolves the handlers' annotations at module level
+    from fastapi import Request
+except ImportError:  # pragma: no cover - the 'serve' extra is not installed
+    Request = Any  # type: ignore[misc,assignment]
+
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
@@ -40,7 +45,7 @@ def _cut(text: str, stop: Sequence[str]) -> str:
 
 def create_app(backend: Any, *, model_name: str = "smollm2", max_n: int = 16, max_tokens: int = 256) -> Any:
     """A FastAPI app serving ``backend`` (a :class:`~stopwise.sampling.local.LocalBackend`)."""
-    from fastapi import FastAPI, Request
+    from fastapi import FastAPI
     from starlette.concurrency import run_in_threadpool
 
     app = FastAPI(title="stopwise serve")
