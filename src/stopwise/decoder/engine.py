@@ -222,6 +222,7 @@ class Engine:
         layer = exit_layer or self._best_prior_layer(candidates, max_draft, reduced)
         if layer not in heads.layers:
             raise StopwiseError(f"The 'exit_layer' parameter must be a layer with an exit head {heads.layers}. Got {layer!r} instead.")
+        candidates = sorted({*candidates, layer})
         self._check_room(prompts, max_new_tokens, max_draft + 1)
         t0 = time.perf_counter()
         n = len(prompts)
@@ -233,20 +234,27 @@ class Engine:
         for r in range(n):
             rows.pending[r] = rows.commit(r, [int(first[r])])
         stats.layers += bb.n_layers * n
+        alive = list(range(n))  # original row of each batch row; finished rows leave the batch
         while not rows.all_done:
             k_max = max(1, min(max_draft, rows.remaining() - 1)) if rows.remaining() > 1 else 0
             probe = adaptive_layer and len(candidates) > 1 and stats.steps % probe_every == probe_every - 1
-            live = [r for r in range(n) if not rows.done[r]]
-            n_acc, k, new, pending, probes = self._spec_step(state, rows, layer, k_max, draft_stop, reduced,
-                                                             temperature, generator, candidates if probe else None)
+            n_acc, k, new, pending, probes = self._spec_step(state, [rows.pending[r] for r in alive], layer, k_max,
+                                                             draft_stop, reduced, temperature, generator,
+                                                             candidates if probe else None)
             stats.steps += 1
-            stats.drafted += k * len(live)
-            stats.accepted += sum(n_acc[r] for r in live)
+            stats.drafted += k * len(alive)
+            stats.accepted += sum(n_acc)
             stats.layers += self._last_cost
             stats.exit_layer_trace.append(layer)
-            for r in live:
-                rows.commit(r, new[r])
-                rows.pending[r] = pending[r]
+            for b, r in enumerate(alive):
+                rows.commit(r, new[b])
+                rows.pending[r] = pending[b]
+            keep = [b for b, r in enumerate(alive) if not rows.done[r]]
+            if keep and len(keep) < len(alive):
+                index = torch.tensor(keep, device=self.device)
+                state.cache.batch_select_indices(index)
+                state.attn = state.attn[index]
+                alive = [alive[b] for b in keep]
             for x, agree in probes.items():
                 alpha[x] = 0.7 * alpha[x] + 0.3 * agree  # EMA: contexts drift within a generation
             if probes:
@@ -262,13 +270,13 @@ class Engine:
         return max(candidates, key=lambda x: self.expected_speedup(
             float(agreement.get(str(x), 0.0)), max_draft / 2, self.draft_cost(x, reduced)))
 
-    def _spec_step(self, state: State, rows: Rows, layer: int, k_max: int, draft_stop: float, reduced: bool,
+    def _spec_step(self, state: State, pending_in: list[list[int]], layer: int, k_max: int, draft_stop: float, reduced: bool,
                    temperature: float, generator: torch.Generator | None, probe: list[int] | None
                    ) -> tuple[list[int], int, list[list[int]], list[list[int]], dict[int, float]]:
         heads, bb = self.heads, self.bb
         assert heads is not None
-        n = len(rows.pending)
-        ids, valid = _pad_block([p if p else [self.pad] for p in rows.pending], self.pad, self.device)
+        n = len(pending_in)
+        ids, valid = _pad_block(pending_in, self.pad, self.device)
         m = ids.shape[1]
         probe_lo = [x for x in (probe or []) if x < layer]
         saved: dict[int, list[torch.Tensor]] = {x: [] for x in probe_lo}
@@ -302,8 +310,7 @@ class Engine:
             drafts.append(heads.to_token_ids(idx, reduced=reduced))
             conf = conf * top
             # Stop drafting (SpecDec++): every live row more likely than draft_stop to see a rejection.
-            live = torch.tensor([not d for d in rows.done], device=self.device)
-            stop = bool(((1 - conf) > draft_stop)[live].all()) if live.any() else True
+            stop = bool(((1 - conf) > draft_stop).all())
             h = feed(drafts[-1][:, None], torch.ones((n, 1), dtype=torch.long, device=self.device))
             hs.append(h)
             if stop:
@@ -323,7 +330,7 @@ class Engine:
         target_logits = bb.logits(hv[:, m - 1:])  # (n, k+1, V): position m-1 predicts the first draft
         new, n_acc = self._verify(target_logits, drafts, qs, reduced, temperature, generator)
         # Keep the cache of what every row accepted; rows that accepted more re-feed the rest next step.
-        a_min = min(n_acc[r] for r in range(n) if not rows.done[r]) if not rows.all_done else 0
+        a_min = min(n_acc)
         drop = k - a_min
         for i in range(bb.n_layers):
             state.crop(i, state.seen(i) - drop)
@@ -391,3 +398,140 @@ class Engine:
             guess = heads.to_token_ids(heads.logits(states, x, reduced=reduced).argmax(dim=-1), reduced=reduced)
             out[x] = float(((guess == target) & target_in).to(torch.float64).mean())
         return out
+
+
+    # -- early exit ---------------------------------------------------------------------------
+    @torch.inference_mode()
+    def early_exit(self, prompts: list[list[int]], *, max_new_tokens: int, rule: Any = None,
+                   exit_layers: list[int] | None = None, schedule: list[int] | None = None, temperature: float = 0.0,
+                   generator: torch.Generator | None = None, eos: set[int] | None = None,
+                   on_token: OnToken | None = None) -> Stats:
+        """CALM early-exit decoding with ``rule`` (a stopwise rule with λ set) over ``exit_layers``,
+        or SkipDecode with ``schedule`` (exit layer per generated position, non-increasing).
+
+        Stages seen by the rule are the candidate exit layers then the final layer; each gets the
+        signals ``max_prob`` (draft-vocabulary softmax of that layer's head) and ``saturation``
+        (cosine of the hidden state with the previous candidate's). The emitted token comes from
+        the exit layer's head over the full vocabulary.
+        """
+        from stopwise.trace import StageBatch
+
+        if self.heads is None:
+            raise StopwiseError("Early-exit decoding needs exit heads: pass heads=... (train them with `stopwise decoder train`).")
+        if (rule is None) == (schedule is None):
+            raise StopwiseError("Early-exit decoding needs exactly one of 'rule' (CALM) or 'schedule' (SkipDecode).")
+        bb, heads = self.bb, self.heads
+        exits = sorted(exit_layers or heads.layers)
+        if schedule is not None:
+            schedule = self._check_schedule(schedule, max_new_tokens)
+        self._check_room(prompts, max_new_tokens)
+        t0 = time.perf_counter()
+        n = len(prompts)
+        rows = Rows([[] for _ in prompts], [[] for _ in prompts], [False] * n, max_new_tokens, eos or set(), on_token)
+        stats = Stats(mode="early_exit", new_tokens=[])
+        state, h = self.prefill(prompts)
+        nxt = self._pick(bb.logits(h)[:, -1], temperature, generator)
+        stats.layers += bb.n_layers * n
+        while True:
+            for r in range(n):
+                rows.commit(r, [int(nxt[r])])
+            stats.steps += 1
+            if rows.all_done:
+                break
+            if schedule is not None:
+                exit_at = torch.full((n,), schedule[stats.steps], dtype=torch.long)
+                nxt, used = self._skip_token(state, nxt, int(exit_at[0]), temperature, generator)
+            else:
+                nxt, exit_at, used = self._calm_token(state, nxt, rule, exits, temperature, generator, StageBatch)
+            stats.layers += used
+            stats.exit_layers.extend(int(x) for x, d in zip(exit_at.tolist(), rows.done) if not d)
+        return self._finish(stats, rows, t0)
+
+    def _check_schedule(self, schedule: list[int], max_new: int) -> list[int]:
+        sched = [int(x) for x in schedule]
+        if len(sched) < max_new or any(b > a for a, b in zip(sched, sched[1:])):
+            raise StopwiseError(f"The 'schedule' parameter must give a non-increasing exit layer for each of the {max_new} positions.")
+        assert self.heads is not None
+        bad = sorted({x for x in sched if x != self.bb.n_layers and x not in self.heads.layers})
+        if bad:
+            raise StopwiseError(f"The schedule exits at layers {bad} that have no exit head (heads: {self.heads.layers}).")
+        return sched
+
+    def _emit(self, h: torch.Tensor, layer: int, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
+        assert self.heads is not None
+        return self._pick(self.heads.logits(h, layer), temperature, generator)
+
+    def _skip_token(self, state: State, tok: torch.Tensor, layer: int, temperature: float,
+                    generator: torch.Generator | None) -> tuple[torch.Tensor, float]:
+        # Non-increasing exits: layers >= `layer` never run again, so their caches need no entry.
+        bb = self.bb
+        pos = append_tokens(state, torch.ones_like(tok[:, None]))
+        h = bb.run(bb.embed(tok[:, None], pos), state, start=0, stop=layer, positions=pos)
+        return self._emit(h[:, -1], layer, temperature, generator), float(layer * tok.shape[0])
+
+    def _calm_token(self, state: State, tok: torch.Tensor, rule: Any, exits: list[int], temperature: float,
+                    generator: torch.Generator | None, StageBatch: Any) -> tuple[torch.Tensor, torch.Tensor, float]:
+        bb, heads = self.bb, self.heads
+        assert heads is not None
+        n = tok.shape[0]
+        pos = append_tokens(state, torch.ones_like(tok[:, None]))
+        h = bb.embed(tok[:, None], pos)
+        emb = bb.rope(h, pos)
+        stopper = rule.stopper(n)
+        exit_at = torch.full((n,), bb.n_layers, dtype=torch.long)
+        exit_h = torch.zeros_like(h)
+        active = torch.ones(n, dtype=torch.bool)
+        prev = h
+        start, used = 0, 0.0
+        for stage, stop in enumerate([*exits, bb.n_layers]):
+            # Rows that exited earlier still need this block's K/V: computed from their exited state.
+            for i in range(start, stop):
+                h = bb.run(h, state, start=i, stop=i + 1, positions=pos, emb=emb)
+                if not bool(active.all()):
+                    self._overwrite_kv(state, i, exit_h, ~active, emb)
+                used += float(active.sum())
+            start = stop
+            if stop == bb.n_layers:
+                exit_h[active] = h[active]
+                break
+            idx = active.nonzero().squeeze(1)
+            sub = h[idx, -1]
+            probs = torch.softmax(heads.logits(sub, stop, reduced=True).to(torch.float64), dim=-1)
+            top, arg = probs.max(dim=-1)
+            sat = torch.nn.functional.cosine_similarity(sub, prev[idx, -1], dim=-1).to(torch.float64)
+            batch = StageBatch(index=stage, predictions=heads.to_token_ids(arg, reduced=True).cpu().numpy(),
+                               signals={"max_prob": top.cpu().numpy(), "saturation": sat.cpu().numpy()})
+            fired = torch.from_numpy(stopper.step(batch))
+            leaving = idx[fired]
+            exit_at[leaving] = stop
+            exit_h[leaving] = h[leaving]
+            active[leaving] = False
+            prev = h
+            if not bool(active.any()):
+                # Everyone left: propagate their states to the remaining layers (CALM).
+                for i in range(stop, bb.n_layers):
+                    k, v = bb._kv(i, exit_h, emb)
+                    state.cache.update(k, v, i)
+                break
+        nxt = torch.empty(n, dtype=torch.long)
+        for layer in exit_at.unique().tolist():
+            rows_ = (exit_at == layer).nonzero().squeeze(1)
+            nxt[rows_] = self._emit(exit_h[rows_, -1], int(layer), temperature, generator)
+        return nxt, exit_at, used
+
+    def _overwrite_kv(self, state: State, i: int, exit_h: torch.Tensor, rows: torch.Tensor, emb: Any) -> None:
+        """Replace the just-cached K/V of ``rows`` at layer i by those of their exited states."""
+        k, v = self.bb._kv(i, exit_h[rows], emb if emb is None else tuple(e[rows] for e in emb))
+        layer = state.cache.layers[i]
+        layer.keys[rows, :, -1:] = k
+        layer.values[rows, :, -1:] = v
+
+
+def skip_schedule(*, n_layers: int, max_new_tokens: int, min_layer: int, max_layer: int | None = None) -> list[int]:
+    """SkipDecode's linear decay: exit layer per generated position, non-increasing, from
+    ``max_layer`` (default N) down to ``min_layer`` at the last position."""
+    top = n_layers if max_layer is None else max_layer
+    if not 1 <= min_layer <= top <= n_layers:
+        raise StopwiseError(f"SkipDecode needs 1 <= min_layer <= max_layer <= {n_layers}. Got min_layer={min_layer}, max_layer={top}.")
+    span = max(1, max_new_tokens - 1)
+    return [int(round(top - (top - min_layer) * t / span)) for t in range(max_new_tokens)]
