@@ -24,12 +24,13 @@ import numpy as np
 
 from stopwise._errors import StopwiseError, check_choice
 from stopwise.sampling.data import Question
-from stopwise.sampling.extract import Extractor, make_extractor, safe_extract
+from stopwise.sampling.extract import Extractor, NumberExtractor, make_extractor, safe_extract
 from stopwise.sampling.types import SCORES, token_score
 from stopwise.trace import Trace, hash_answers
 
 CHATML = "<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
 DEFAULT_TRANSITIONS = ("\n\n", "Wait")
+DEER_SUFFIX = "\nThink step by step."
 ANSWER_PROMPT = "\nFinal answer: "
 
 
@@ -121,12 +122,13 @@ class DEER:
         self.answer_prompt = answer_prompt
         self.max_think_tokens = int(max_think_tokens)
         self.trial_tokens = int(trial_tokens)
-        self.extractor = make_extractor(extract)
+        # Trial answers often restate the sum ("87 - 64 = 23"): read the number after the last "=".
+        self.extractor = NumberExtractor(markers=("=",)) if extract == "number" else make_extractor(extract)
 
     def _trial(self, text: str) -> tuple[Step, int]:
         trial, n_tok, lps, _ = self.model.complete(text + self.answer_prompt, max_tokens=self.trial_tokens, stop=("\n",))
         scores = {how: token_score(lps, how) for how in SCORES}
-        answer = safe_extract(self.extractor, "Answer: " + trial)
+        answer = safe_extract(self.extractor, trial)
         return Step(think_tokens=0, trial_tokens=n_tok, answer=answer, scores=scores, trial_text=trial), n_tok
 
     def run(self, question: Question | str, *, lam: float | None = None, full: bool = False) -> DeerResult:
@@ -193,3 +195,18 @@ def deer_trace(results: Sequence[DeerResult], *, labels: Sequence[str | None] | 
         lab = hash_answers([safe_extract(ex, str(x)) or str(x) for x in labels])
     return Trace(predictions=preds, reference=preds[np.arange(n), lengths - 1], mask=mask, cost=cost, labels=lab,
                  signals=sig, meta={"task": "deer", "stage": "transition", **(meta or {})})
+
+
+def result_to_json(r: DeerResult, *, label: str | None = None) -> dict[str, Any]:
+    return {"type": "question", "id": r.id, "label": label, "answer": r.answer, "think_tokens": r.think_tokens,
+            "trial_tokens": r.trial_tokens, "thinking": r.thinking,
+            "steps": [{"think_tokens": s.think_tokens, "trial_tokens": s.trial_tokens, "answer": s.answer,
+                       "scores": s.scores, "trial_text": s.trial_text} for s in r.steps]}
+
+
+def result_from_json(row: dict[str, Any]) -> DeerResult:
+    steps = [Step(think_tokens=s["think_tokens"], trial_tokens=s["trial_tokens"], answer=s["answer"],
+                  scores=dict(s["scores"]), trial_text=s.get("trial_text", "")) for s in row["steps"]]
+    return DeerResult(id=str(row["id"]), answer=row.get("answer"), think_tokens=int(row["think_tokens"]),
+                      trial_tokens=int(row["trial_tokens"]), stopped_early=False, steps=steps,
+                      thinking=row.get("thinking", ""))

@@ -127,7 +127,7 @@ class LocalBackend:
         # Prefill each prompt once, then copy its cache to its n sample rows: on CPU the prompt
         # usually costs more than the short answers sampled from it.
         out = self.model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True)
-        cache = out.past_key_values
+        cache = out.cache
         if n > 1:
             cache.batch_repeat_interleave(n)
         attn = attn.repeat_interleave(n, dim=0)
@@ -167,8 +167,8 @@ class LocalBackend:
             attn = torch.cat([attn, torch.ones((len(alive), 1), dtype=torch.long)], dim=1)
             next_pos = next_pos + 1
             out = self.model(input_ids=chosen[:, None], attention_mask=attn, position_ids=next_pos[:, None],
-                             past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
+                             cache=cache, use_cache=True)
+            cache = out.cache
             logits = out.logits[:, -1, :].float()
         return tokens, logps, reasons
 

@@ -1,0 +1,198 @@
+"""Early-stopped self-consistency on SmolLM2-135M-Instruct answering `mathematics-dataset` problems.
+
+Reads the recorded checkpoint (benchmarks/data/sampling_math.jsonl, N = 16 samples per problem,
+recorded by benchmarks/record_sampling.py; whatever part of it exists: see ``n_problems``) and
+compares, on held-out problems, fixed-N majority vote, ESC, Adaptive-Consistency (Beta and
+Dirichlet), DSC, first-finish, confidence stop and stopwise's certified stop (vote_settled with λ
+certified by Learn-then-Test on a random calibration split). Rules are evaluated offline on the
+trace, which decides exactly as the online sampler (tested in tests/test_sampling.py).
+DEER is measured on the smaller full-thinking recording benchmarks/data/sampling_deer.jsonl.
+
+    PYTHONPATH=src python benchmarks/sampling.py --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "src"))
+
+from stopwise import CalibrationError, Signal, Trace, calibrate  # noqa: E402
+from stopwise.sampling.certify import certify  # noqa: E402
+from stopwise.sampling.deer import deer_trace, result_from_json  # noqa: E402
+from stopwise.sampling.record import read_checkpoint, trace_from_records  # noqa: E402
+from stopwise.sampling.rules import sampling_rule  # noqa: E402
+
+CHECKPOINT = HERE / "data" / "sampling_math.jsonl"
+DEER_CHECKPOINT = HERE / "data" / "sampling_deer.jsonl"
+N = 16
+BASELINES = ("esc", "asc", "dirichlet", "dsc", "first_finish", "confidence")
+
+
+def measure(trace: Trace, halts: np.ndarray) -> dict[str, float]:
+    full_acc = float((trace.reference == trace.labels).mean())
+    pred = trace.predictions_at(halts)
+    acc = float((pred == trace.labels).mean())
+    samples = float((halts + 1).mean())
+    return {
+        "samples_fraction": samples / trace.n_stages,
+        "samples_saved_fraction": 1.0 - samples / trace.n_stages,
+        "tokens_fraction": float(trace.cost_at(halts).mean() / trace.full_cost.mean()),
+        "accuracy": acc,
+        "accuracy_drop_points": 100.0 * (full_acc - acc),
+        "agreement_with_full_vote": float((pred == trace.reference).mean()),
+    }
+
+
+def oracle_halts(trace: Trace) -> np.ndarray:
+    """Earliest stage whose running vote equals the N-sample vote and stays equal."""
+    differs = trace.predictions != trace.reference[:, None]
+    last_diff = np.where(differs.any(axis=1), trace.n_stages - 1 - np.argmax(differs[:, ::-1], axis=1), -1)
+    return (last_diff + 1).astype(np.int64)
+
+
+def certified_run(cal: Trace, test: Trace, *, epsilon: float, delta: float, risk: str) -> dict[str, Any]:
+    try:
+        cert = certify(cal, epsilon=epsilon, delta=delta, risk=risk)
+    except CalibrationError as exc:  # a partial recording may be too small to certify anything
+        out = measure(test, np.full(test.n, test.n_stages - 1))
+        out.update({"certified": False, "lam": None, "epsilon": epsilon, "delta": delta, "risk": risk,
+                    "certified_test_risk": 0.0, "calibration_risk": None, "error": str(exc)})
+        return out
+    rule = cert.make_rule()
+    halts = rule.halts(test)
+    out = measure(test, halts)
+    check = cert.check(test)
+    out.update({"certified": cert.certified, "lam": cert.lam, "epsilon": epsilon, "delta": delta, "risk": risk,
+                "certified_test_risk": check["risk"], "calibration_risk": cert.empirical_risk})
+    return out
+
+
+def sampling_report(trace: Trace, *, epsilon: float, delta: float, acc_epsilon: float, seed: int,
+                    repeats: int) -> dict[str, Any]:
+    cal, test = trace.split(0.5, seed=seed)
+    oracle = measure(test, oracle_halts(test))
+    methods: dict[str, Any] = {"fixed_n": measure(test, np.full(test.n, test.n_stages - 1))}
+    for name in BASELINES + ("settled",):
+        methods[name if name != "settled" else "settled_default_lam"] = measure(
+            test, sampling_rule(name, max_samples=test.n_stages).halts(test))
+    cert = certified_run(cal, test, epsilon=epsilon, delta=delta, risk="gap")
+    methods["certified"] = cert
+    cert_acc = certified_run(cal, test, epsilon=acc_epsilon, delta=delta, risk="accuracy_drop")
+    methods["certified_accuracy_drop"] = cert_acc
+    # Repeated random splits: how often the certified gap risk exceeds ε on the test half.
+    risks, saved = [], []
+    for r in range(repeats):
+        c, t = trace.split(0.5, seed=1000 + r)
+        res = certified_run(c, t, epsilon=epsilon, delta=delta, risk="gap")
+        risks.append(res["certified_test_risk"])
+        saved.append(res["samples_saved_fraction"])
+    base = {k: v for k, v in methods.items() if k in BASELINES}
+    best = max(base, key=lambda k: base[k]["samples_saved_fraction"])
+    good = {k: v for k, v in base.items() if v["accuracy_drop_points"] <= 0.5}
+    best_good = max(good, key=lambda k: good[k]["samples_saved_fraction"]) if good else None
+    return {
+        "n_problems": trace.n,
+        "n_samples": trace.n_stages,
+        "n_calibration": cal.n,
+        "n_test": test.n,
+        "full_vote_accuracy": float((test.reference == test.labels).mean()),
+        "single_sample_accuracy": float((test.predictions[:, 0] == test.labels).mean()),
+        "no_answer_sample_rate": float((trace.signals["sample"] < 0).mean()),
+        "samples_saved_fraction": cert["samples_saved_fraction"],
+        "tokens_saved_fraction": 1.0 - cert["tokens_fraction"],
+        "oracle_saved_fraction": oracle["samples_saved_fraction"],
+        "saved_vs_oracle": cert["samples_saved_fraction"] / max(oracle["samples_saved_fraction"], 1e-12),
+        "accuracy_drop_points": cert["accuracy_drop_points"],
+        "certified_test_risk": cert["certified_test_risk"],
+        "epsilon": epsilon,
+        "delta": delta,
+        "lam": cert["lam"],
+        "best_baseline": best,
+        "best_baseline_saved_fraction": base[best]["samples_saved_fraction"],
+        "best_baseline_accuracy_drop_points": base[best]["accuracy_drop_points"],
+        "best_baseline_within_half_point": best_good,
+        "best_baseline_within_half_point_saved_fraction": None if best_good is None else good[best_good]["samples_saved_fraction"],
+        "repeated_splits": {"repeats": repeats, "mean_test_risk": float(np.mean(risks)),
+                            "violation_rate": float(np.mean(np.asarray(risks) > epsilon)),
+                            "mean_samples_saved_fraction": float(np.mean(saved))},
+        "methods": methods,
+    }
+
+
+def deer_report(path: Path, *, lam: float, score: str) -> dict[str, Any]:
+    header, rows = read_checkpoint(path)
+    if not rows:
+        return {"deer_n_problems": 0, "note": f"no DEER recording at {path}"}
+    results = [result_from_json(r) for r in rows]
+    trace = deer_trace(results, labels=[r.get("label") for r in rows])
+    rule = Signal(signal=f"deer_{score}", lam=lam)
+    halts = rule.halts(trace)
+    full_acc = float((trace.reference == trace.labels).mean())
+    acc = float((trace.predictions_at(halts) == trace.labels).mean())
+    out: dict[str, Any] = {
+        "deer_n_problems": trace.n,
+        "deer_settings": {k: header.get(k) for k in ("max_think_tokens", "trial_tokens", "transitions")} if header else {},
+        "deer_lam": lam,
+        "deer_score": score,
+        "deer_tokens_saved_fraction": float(1.0 - trace.cost_at(halts).mean() / trace.full_cost.mean()),
+        "deer_accuracy_full_thinking": full_acc,
+        "deer_accuracy": acc,
+        "deer_accuracy_change_points": 100.0 * (acc - full_acc),
+        "deer_agreement_with_full_thinking": float((trace.predictions_at(halts) == trace.reference).mean()),
+        "deer_mean_transitions": float(trace.lengths.mean() - 1),
+    }
+    # Conformal risk control needs few points (n >= 1/ε - 1): in-sample here, too few for a split.
+    crc = calibrate(trace, Signal(signal=f"deer_{score}"), epsilon=0.2, method="crc", risk="gap")
+    out["deer_crc_in_sample"] = {"epsilon": 0.2, "lam": crc.lam, "tokens_saved_fraction": crc.savings,
+                                 "risk": crc.empirical_risk, "certified": crc.certified}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--epsilon", type=float, default=0.05, help="gap risk level (vs the N-sample vote)")
+    parser.add_argument("--acc-epsilon", type=float, default=0.02, help="accuracy-drop risk level")
+    parser.add_argument("--delta", type=float, default=0.1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--deer-lam", type=float, default=0.95)
+    parser.add_argument("--deer-score", default="mean")
+    args = parser.parse_args(argv)
+    header, rows = read_checkpoint(CHECKPOINT)
+    rows = [r for r in rows if len(r["samples"]) == N]
+    if not rows:
+        print(f"No recorded problems in {CHECKPOINT}: run benchmarks/record_sampling.py first.", file=sys.stderr)
+        return 1
+    trace = trace_from_records(rows, header=header, n_samples=N)
+    report: dict[str, Any] = {
+        "model": "SmolLM2-135M-Instruct (bundled, fp32 CPU)",
+        "data": "mathematics-dataset train-easy: arithmetic add_or_sub, add_sub_multiple, mul, div; algebra linear_1d",
+        "recording": {k: header.get(k) for k in ("n", "temperature", "max_tokens", "seed")} if header else {},
+        "complete": len(rows) >= 200,
+    }
+    report.update(sampling_report(trace, epsilon=args.epsilon, delta=args.delta, acc_epsilon=args.acc_epsilon,
+                                  seed=args.seed, repeats=args.repeats))
+    report.update(deer_report(DEER_CHECKPOINT, lam=args.deer_lam, score=args.deer_score))
+    if args.json:
+        print(json.dumps(report, indent=2, default=float))
+    else:
+        for key, value in report.items():
+            if key != "methods":
+                print(f"{key}: {value}")
+        for name, m in report["methods"].items():
+            print(f"  {name:24s} samples {m['samples_fraction']:.3f} tokens {m['tokens_fraction']:.3f} "
+                  f"acc {m['accuracy']:.3f} drop {m['accuracy_drop_points']:+.2f} pts agree {m['agreement_with_full_vote']:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

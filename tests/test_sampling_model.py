@@ -1,0 +1,91 @@
+"""stopwise.sampling on the bundled SmolLM2-135M-Instruct: local backend, real server over HTTP, DEER."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.model
+
+torch = pytest.importorskip("torch")
+
+from stopwise import Never  # noqa: E402
+from stopwise.sampling import AdaptiveSampler, EndpointError, HTTPBackend, NumberExtractor, Question  # noqa: E402
+from stopwise.sampling.types import prompt_seed  # noqa: E402
+
+QUESTIONS = [Question(id="a", prompt="What is 2 + 3? End with 'Answer: <number>'."),
+             Question(id="b", prompt="What is 10 - 4? End with 'Answer: <number>'.")]
+
+
+@pytest.fixture(scope="module")
+def backend() -> Any:
+    from stopwise.sampling.local import LocalBackend
+
+    torch.set_num_threads(1)
+    return LocalBackend("smollm2", system="You are a careful math tutor.")
+
+
+def test_local_sampling_is_seeded_and_independent_of_batch_company(backend: Any) -> None:
+    both = backend.generate([q.prompt for q in QUESTIONS], n=3, max_tokens=8, seeds=[1, 2])
+    alone = backend.generate([QUESTIONS[1].prompt], n=3, max_tokens=8, seeds=[2])
+    assert [c.text for c in both[1]] == [c.text for c in alone[0]]
+    again = backend.generate([QUESTIONS[0].prompt], n=3, max_tokens=8, seeds=[1])
+    assert [c.text for c in again[0]] == [c.text for c in both[0]]
+    other = backend.generate([QUESTIONS[0].prompt], n=3, max_tokens=8, seeds=[99])
+    assert [c.text for c in other[0]] != [c.text for c in both[0]]
+    for c in both[0] + both[1]:
+        assert 1 <= c.n_tokens <= 8 and len(c.logprobs) == c.n_tokens and max(c.logprobs) <= 0.0
+
+
+def test_disabled_stopping_gives_the_bare_models_samples(backend: Any) -> None:
+    sampler = AdaptiveSampler(backend, Never(), max_samples=3, step=3, max_tokens=10, seed=5)
+    results = sampler.run(QUESTIONS)
+    extract = NumberExtractor()
+    for q, r in zip(QUESTIONS, results):
+        bare = backend.generate([q.prompt], n=3, temperature=0.7, max_tokens=10, seeds=[prompt_seed(5, f"{q.id}:0")])[0]
+        assert r.answers == [extract(c.text) for c in bare] and r.n_samples == 3
+
+
+def test_sampler_over_the_real_server(backend: Any) -> None:
+    from stopwise.sampling.server import ServerThread, create_app
+
+    app = create_app(backend, model_name="smollm2", max_n=4, max_tokens=16)
+    with ServerThread(app) as server:
+        assert server.host == "127.0.0.1"
+        http = HTTPBackend(server.url, model="smollm2", max_n=4, timeout=120, retries=0,
+                           system="You are a careful math tutor.")
+        sampler = AdaptiveSampler(http, "asc", max_samples=4, step=2, max_tokens=12)
+        results = sampler.arun_sync(QUESTIONS, concurrency=2)
+        for r in results:
+            assert 1 <= r.n_samples <= 4 and len(r.answers) == r.n_samples
+            assert r.answer is None or r.answer in r.answers
+        assert app.state.requests <= 8  # bounded: at most max_samples requests per question
+        with pytest.raises(EndpointError, match="HTTP 400"):
+            HTTPBackend(server.url, max_n=8, retries=0).generate(["hi"], n=6, max_tokens=4)
+        # DEER through /v1/completions with logprobs.
+        from stopwise.sampling.deer import DEER
+
+        comp = HTTPBackend(server.url, api="completions", max_n=4, timeout=120, retries=0)
+        deer = DEER(comp, transitions=(" ",), max_think_tokens=12, trial_tokens=3, lam=0.0)
+        early = deer.run("What is 2 + 3?")
+        full = deer.run("What is 2 + 3?", full=True)
+        assert early.stopped_early and len(early.steps) == 1
+        assert early.think_tokens < full.think_tokens and not full.stopped_early
+        assert all(0.0 <= s.scores["mean"] <= 1.0 for s in full.steps)
+
+
+def test_deer_local_exits_at_the_first_confident_trial(backend: Any) -> None:
+    from stopwise.sampling.deer import DEER, deer_trace
+
+    deer = DEER(backend, transitions=(" ",), max_think_tokens=10, trial_tokens=3)
+    full = deer.run(QUESTIONS[0].prompt, full=True)
+    assert len(full.steps) >= 2 and not full.stopped_early
+    lam = sorted(s.scores["mean"] for s in full.steps[:-1])[-1]
+    first = next(i for i, s in enumerate(full.steps) if s.scores["mean"] >= lam)
+    early = deer.run(QUESTIONS[0].prompt, lam=lam)
+    # Greedy thinking ignores discarded trials: the online run stops where the full trace says.
+    assert early.stopped_early and len(early.steps) == first + 1
+    assert early.answer == full.steps[first].answer and early.think_tokens == full.steps[first].think_tokens
+    trace = deer_trace([full], labels=["5"])
+    assert trace.n_stages == len(full.steps) and trace.signals["deer_mean"][0, -1] == 1.0
