@@ -355,7 +355,7 @@ def test_trace_layout(tmp_path: Path) -> None:
            n=6, model="fake", progress=False)
     trace = stopwise.sampling.convert(tmp_path / "c.jsonl", tmp_path / "c.npz")
     loaded = Trace.load(tmp_path / "c.npz")
-    h = dict(zip(["3", "4"], stopwise.hash_answers(["3", "4"])))
+    h = dict(zip(["3", "4"], stopwise.hash_answers(["3", "4"]), strict=True))
     assert loaded.predictions[0].tolist() == [h["3"], h["3"], h["4"], h["4"], h["3"], h["3"]]
     assert loaded.reference[0] == h["3"] and loaded.labels[0] == h["3"]  # "3.0" canonicalises to "3"
     assert loaded.cost[0].tolist() == np.cumsum([10, 11, 12, 13, 14, 15]).tolist()

@@ -42,7 +42,7 @@ def test_disabled_stopping_gives_the_bare_models_samples(backend: Any) -> None:
     sampler = AdaptiveSampler(backend, Never(), max_samples=3, step=3, max_tokens=10, seed=5)
     results = sampler.run(QUESTIONS)
     extract = NumberExtractor()
-    for q, r in zip(QUESTIONS, results):
+    for q, r in zip(QUESTIONS, results, strict=True):
         bare = backend.generate([q.prompt], n=3, temperature=0.7, max_tokens=10, seeds=[prompt_seed(5, f"{q.id}:0")])[0]
         assert r.answers == [extract(c.text) for c in bare] and r.n_samples == 3
 

@@ -54,7 +54,7 @@ class CallableBackend:
                  seeds: Sequence[int] | int = 0) -> list[list[Completion]]:
         seed_list = [seeds] * len(prompts) if isinstance(seeds, int) else list(seeds)
         out = []
-        for p, s in zip(prompts, seed_list):
+        for p, s in zip(prompts, seed_list, strict=True):
             res = self.fn(p, n=n, temperature=temperature, max_tokens=max_tokens, seed=s)
             if inspect.isawaitable(res):
                 raise StopwiseError("This sampling callable is a coroutine function: use the asynchronous sampler (arun).")
@@ -152,7 +152,7 @@ class HTTPBackend:
         seed_list = [seeds + i for i in range(len(prompts))] if isinstance(seeds, int) else list(seeds)
         out = []
         with httpx.Client(timeout=self.timeout, headers=self.headers) as client:
-            for prompt, seed in zip(prompts, seed_list):
+            for prompt, seed in zip(prompts, seed_list, strict=True):
                 comps: list[Completion] = []
                 for j, m in enumerate(self._chunks(n)):
                     body = self.payload(prompt, n=m, temperature=temperature, max_tokens=max_tokens,

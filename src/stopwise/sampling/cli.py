@@ -80,7 +80,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                               vote=args.vote, seed=args.seed)
     questions = _questions(args)
     results = sampler.arun_sync(questions) if args.endpoint else sampler.run(questions)
-    for q, r in zip(questions, results):
+    for q, r in zip(questions, results, strict=True):
         print(json.dumps({"id": r.id, "answer": r.answer, "label": getattr(q, "label", None), "samples": r.n_samples,
                           "tokens": r.n_tokens, "stopped_early": r.stopped_early}))
     print(json.dumps({"summary": summarise(results, max_samples=args.max_samples)}), file=sys.stderr)

@@ -122,7 +122,9 @@ def record(questions: Sequence[Question], backend: Generator, path: str | Path, 
         chunk = todo[start : start + batch_questions]
         results = backend.generate([q.prompt for q in chunk], n=n, temperature=temperature, max_tokens=max_tokens,
                                    seeds=[seeder(seed, q.id) for q in chunk])
-        for q, comps in zip(chunk, results):
+        if len(results) != len(chunk):
+            raise StopwiseError(f"The backend returned {len(results)} results for {len(chunk)} prompts; it must return one list per prompt.")
+        for q, comps in zip(chunk, results, strict=True):
             samples = [sample_record(c, safe_extract(extractor, c.text)) for c in comps]
             _append(path, {"type": "question", "id": q.id, "prompt": q.prompt, "label": q.label,
                            "meta": q.meta or {}, "samples": samples})

@@ -154,10 +154,12 @@ class AdaptiveSampler:
             outs = self.backend.generate([qs[i].prompt for i in active], n=m, temperature=self.temperature,
                                          max_tokens=self.max_tokens,
                                          seeds=[prompt_seed(self.seed, f"{qs[i].id}:{round_}") for i in active])
-            for i, comps in zip(active, outs):
+            if len(outs) != len(active) or any(len(c) != m for c in outs):
+                raise StopwiseError(f"The backend must return {m} completions for each of the {len(active)} prompts.")
+            for i, comps in zip(active, outs, strict=True):
                 for c in comps:
                     tallies[i].add(safe_extract(self.extractor, c.text), c)
-            for j in range(m):
+            for _j in range(m):
                 alive = stopper.active.copy()
                 last = stage == self.max_samples - 1
                 stop = stopper.step(_batch(stage, [tallies[i] for i in alive]), last=last)
