@@ -59,7 +59,7 @@ def test_speculative_greedy_is_exact(kind, layer):
     _, eng = engine(kind)
     refs = [eng.full([p], max_new_tokens=16).extra_outputs[0] for p in PROMPTS]
     for draft_stop, adaptive in [(1.0, False), (0.5, True)]:
-        for p, ref in zip(PROMPTS, refs):
+        for p, ref in zip(PROMPTS, refs, strict=False):
             s = eng.speculative([p], max_new_tokens=16, exit_layer=layer, draft_stop=draft_stop,
                                 adaptive_layer=adaptive, probe_every=2)
             assert s.extra_outputs[0] == ref
@@ -144,7 +144,7 @@ def test_early_exit_saves_layers_and_fills_every_cache(kind):
     assert set(s.exit_layers) - {6}
     # Skip schedule: non-increasing exits, fewer layers.
     sched = skip_schedule(n_layers=6, max_new_tokens=16, min_layer=2)
-    assert all(b <= a for a, b in zip(sched, sched[1:])) and sched[-1] == 2
+    assert all(b <= a for a, b in zip(sched, sched[1:], strict=False)) and sched[-1] == 2
     s = eng.early_exit(PROMPTS, max_new_tokens=16, schedule=sched)
     assert s.new_tokens == [16, 16, 16] and s.to_dict()["layers_per_token"] < 6.0
 

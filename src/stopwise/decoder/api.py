@@ -127,7 +127,7 @@ class Decoder:
         common = {"max_new_tokens": max_new_tokens, "temperature": float(temperature), "generator": generator,
                   "eos": set(self.eos_ids()), "on_token": callback}
         stats = self._run(mode, prompts, common, options)
-        outputs = stats.extra_outputs  # type: ignore[attr-defined]
+        outputs = stats.extra_outputs
         texts = [self.tokenizer.decode(o, skip_special_tokens=True) for o in outputs]
         return Generation(texts=texts, token_ids=outputs, stats=stats.to_dict())
 

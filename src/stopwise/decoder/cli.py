@@ -82,11 +82,12 @@ def _print(payload: dict[str, Any], args: argparse.Namespace, text: str) -> None
 def cmd_train(args: argparse.Namespace) -> int:
     import os
 
-    from stopwise.decoder.train import training_sequences, train_heads
+    from stopwise.decoder.train import train_heads, training_sequences
 
     dec = _setup(args, heads=False)
     layers = [int(x) for x in args.layers.split(",")] if args.layers else None
-    log = (lambda msg: print(msg, file=sys.stderr))
+    def log(msg):
+        return (print(msg, file=sys.stderr))
     seqs = training_sequences(dec, n_prompts=args.prompts, generate_tokens=args.generate_tokens)
     heads = train_heads(dec.backbone, seqs, layers=layers, rank=args.rank, draft_vocab_size=args.draft_vocab,
                         max_tokens=args.max_tokens, epochs=args.epochs, eos=dec.eos_ids(), log=log)

@@ -45,6 +45,7 @@ class Stats:
     layers: float = 0.0  # decoder layers run per generated token (verification counted in full)
     exit_layers: list[int] = field(default_factory=list)
     exit_layer_trace: list[int] = field(default_factory=list)
+    extra_outputs: list[list[int]] = field(default_factory=list)  # generated token ids per row
 
     @property
     def acceptance_rate(self) -> float | None:
@@ -105,7 +106,7 @@ class Rows:
         return all(self.done)
 
     def remaining(self) -> int:
-        return max(self.max_new - len(o) for o, d in zip(self.out, self.done) if not d) if not self.all_done else 0
+        return max(self.max_new - len(o) for o, d in zip(self.out, self.done, strict=False) if not d) if not self.all_done else 0
 
 
 def _pad_block(pending: list[list[int]], pad: int, device: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -134,7 +135,7 @@ class Engine:
         self._last_cost = 0.0
         self.device = backbone.lm_head.weight.device
         # Cost model for choosing an exit layer: fraction of a full step spent by a draft at layer l.
-        d, n = backbone.hidden_size, backbone.n_layers
+        d, _n = backbone.hidden_size, backbone.n_layers
         self.layer_params = sum(p.numel() for p in backbone.layers[0].parameters())
         self.head_params = backbone.vocab_size * d
 
@@ -186,7 +187,7 @@ class Engine:
     def _finish(self, stats: Stats, rows: Rows, t0: float) -> Stats:
         stats.seconds = time.perf_counter() - t0
         stats.new_tokens = [len(o) for o in rows.out]
-        stats.extra_outputs = rows.out  # type: ignore[attr-defined]
+        stats.extra_outputs = rows.out
         return stats
 
     # -- self-speculative -------------------------------------------------------------------
@@ -297,7 +298,7 @@ class Engine:
         h = feed(ids, valid)
         hs, drafts, qs = [h], [], []
         conf = torch.ones(n, dtype=torch.float64, device=self.device)
-        for j in range(k_max):
+        for _j in range(k_max):
             logits = heads.logits(h[:, -1], layer, reduced=reduced)
             if temperature <= 0:
                 p = torch.softmax(logits.to(torch.float64), dim=-1)
@@ -444,12 +445,12 @@ class Engine:
             else:
                 nxt, exit_at, used = self._calm_token(state, nxt, rule, exits, temperature, generator, StageBatch)
             stats.layers += used
-            stats.exit_layers.extend(int(x) for x, d in zip(exit_at.tolist(), rows.done) if not d)
+            stats.exit_layers.extend(int(x) for x, d in zip(exit_at.tolist(), rows.done, strict=False) if not d)
         return self._finish(stats, rows, t0)
 
     def _check_schedule(self, schedule: list[int], max_new: int) -> list[int]:
         sched = [int(x) for x in schedule]
-        if len(sched) < max_new or any(b > a for a, b in zip(sched, sched[1:])):
+        if len(sched) < max_new or any(b > a for a, b in zip(sched, sched[1:], strict=False)):
             raise StopwiseError(f"The 'schedule' parameter must give a non-increasing exit layer for each of the {max_new} positions.")
         assert self.heads is not None
         bad = sorted({x for x in sched if x != self.bb.n_layers and x not in self.heads.layers})

@@ -134,5 +134,5 @@ def training_sequences(decoder: Any, *, n_prompts: int = 60, generate_tokens: in
     for start in range(0, len(ids), batch_size):
         chunk = ids[start:start + batch_size]
         stats = decoder.engine.full(chunk, max_new_tokens=generate_tokens, eos=eos)
-        out.extend(s + o for s, o in zip(chunk, stats.extra_outputs))
+        out.extend(s + o for s, o in zip(chunk, stats.extra_outputs, strict=False))
     return out

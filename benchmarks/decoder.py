@@ -1,0 +1,147 @@
+"""Decoder benchmark: SmolLM2-135M fp32, 2 threads. Tokens/s of transformers greedy, transformers
+assistant_early_exit, stopwise self-speculative, stopwise early exit at a certified ε, stopwise's own
+greedy loop; exactness of speculative vs transformers; batch-4 throughput.
+
+    PYTHONPATH=src python benchmarks/decoder.py --json [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--retrain", action="store_true")
+    ap.add_argument("--heads", default=None)
+    args = ap.parse_args()
+    import torch
+
+    import stopwise
+    from stopwise.decoder.api import Decoder
+    from stopwise.decoder.calibrate import calibrate_early_exit, certified_lam, lcs_disagreement
+    from stopwise.decoder.data import prompts
+    from stopwise.decoder.heads import ExitHeads
+    from stopwise.decoder.train import train_heads, training_sequences
+    from stopwise.hf.bundled import cache_dir
+
+    torch.set_num_threads(2)
+    q = args.quick
+    n_test, n_new = (3, 16) if q else (54, 128)
+    n_train, n_calib, calib_new = (12, 6, 12) if q else (90, 40, 48)
+    dec = Decoder.from_pretrained("smollm2")
+    heads_dir = Path(args.heads or cache_dir() / ("heads/smollm2-bench-quick" if q else "heads/smollm2-bench"))
+    layers = [4, 6, 8, 10, 12, 15, 18, 21, 24]
+    if heads_dir.is_dir() and not args.retrain:
+        dec.heads = ExitHeads.load(heads_dir, dec.backbone)
+    else:
+        t = time.perf_counter()
+        seqs = training_sequences(dec, n_prompts=n_train, generate_tokens=16 if q else 64)
+        dec.heads = train_heads(dec.backbone, seqs, layers=layers, rank=32, max_tokens=1500 if q else 8000,
+                                epochs=2, eos=dec.eos_ids(), log=log)
+        log(f"trained heads in {time.perf_counter() - t:.0f}s")
+    dec.engine.heads = dec.heads
+    test = [p["prompt"] for p in prompts("test", n=n_test)]
+    eos = dec.eos_ids()
+    result: dict = {"quick": q, "prompts": len(test), "max_new_tokens": n_new, "threads": 2,
+                    "agreement": dec.heads.training_info.get("agreement")}
+
+    def hf(prompt, **kw):
+        ids = torch.tensor([dec.encode(prompt)])
+        t = time.perf_counter()
+        out = dec.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n_new, do_sample=False,
+                                 pad_token_id=dec.engine.pad, **kw)
+        toks = out[0, ids.shape[1]:].tolist()
+        for i, tok in enumerate(toks):
+            if tok in eos:
+                toks = toks[: i + 1]
+                break
+        return toks, time.perf_counter() - t
+
+    def rate(outs):
+        return sum(len(o) for o, _ in outs) / sum(s for _, s in outs)
+
+    hf_out = [hf(p) for p in test]
+    result["hf_greedy_tps"] = rate(hf_out)
+    log(f"hf greedy {result['hf_greedy_tps']:.2f} tok/s")
+    best = None
+    for L in ([10] if q else [6, 10, 15]):
+        try:
+            outs = [hf(p, assistant_early_exit=L) for p in test]
+            tps = rate(outs)
+            log(f"hf assistant_early_exit={L}: {tps:.2f} tok/s")
+            if best is None or tps > best[1]:
+                best = (L, tps)
+        except Exception as exc:  # report, do not hide
+            result[f"hf_assistant_early_exit_error_L{L}"] = repr(exc)
+    result["hf_assistant_early_exit"] = None if best is None else {"layer": best[0], "tps": best[1]}
+
+    def ours(mode, **kw):
+        outs = []
+        stats = []
+        for p in test:
+            g = dec.generate(p, mode=mode, max_new_tokens=n_new, **kw)
+            outs.append((g.token_ids[0], g.stats["seconds"]))
+            stats.append(g.stats)
+        return outs, stats
+
+    own, _ = ours("full")
+    result["own_greedy_tps"] = rate(own)
+    spec, sstats = ours("speculative")
+    result["speculative_tps"] = rate(spec)
+    result["identical_fraction"] = sum(a[0] == b[0] for a, b in zip(spec, hf_out, strict=False)) / len(test)
+    acc = [s["accepted"] for s in sstats], [s["drafted"] for s in sstats]
+    result["acceptance_rate"] = sum(acc[0]) / max(1, sum(acc[1]))
+    result["mean_layers_per_token_speculative"] = sum(s["layers_per_token"] for s in sstats) / len(sstats)
+    result["speedup_vs_hf_greedy"] = result["speculative_tps"] / result["hf_greedy_tps"]
+    result["speculative_vs_own_greedy"] = result["speculative_tps"] / result["own_greedy_tps"]
+    if best is not None:
+        result["speedup_vs_hf_assistant_early_exit"] = result["speculative_tps"] / best[1]
+    log(f"speculative {result['speculative_tps']:.2f} tok/s, acceptance {result['acceptance_rate']:.3f}")
+    # Early exit: certify on calibration prompts, measure on test prompts.
+    eps, exit_layers = 0.3, [8, 12, 15, 18, 21, 24]
+    calib = [p["prompt"] for p in prompts("calib", n=n_calib)]
+    try:
+        cert = calibrate_early_exit(dec, calib, epsilon=eps, delta=0.1, rule="max_prob", max_new_tokens=calib_new,
+                                    exit_layers=exit_layers, log=log)
+        lam = certified_lam(cert, dec.heads.training_info["early_exit"]["grid"])
+        result["early_exit_certified"] = bool(cert.certified)
+        result["early_exit_lambda"] = lam
+        rule = stopwise.Never() if lam is None else stopwise.MaxProb(lam=lam)
+        ee, estats = ours("early_exit", rule=rule, exit_layers=exit_layers)
+        result["early_exit_tps"] = rate(ee)
+        result["early_exit_speedup"] = result["early_exit_tps"] / result["hf_greedy_tps"]
+        result["early_exit_test_risk"] = sum(lcs_disagreement(a[0], b[0]) for a, b in zip(ee, hf_out, strict=False)) / len(test)
+        result["early_exit_layers_per_token"] = sum(s["layers_per_token"] for s in estats) / len(estats)
+    except stopwise.StopwiseError as exc:
+        result["early_exit_error"] = str(exc)
+    result["epsilon"] = eps
+    # Batch of 4.
+    batch = test[:4] if len(test) >= 4 else (test * 4)[:4]
+    for mode in ("full", "speculative"):
+        g = dec.generate(batch, mode=mode, max_new_tokens=n_new)
+        result[f"batch4_{mode}_tps"] = g.stats["tokens_per_second"]
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if not heads_dir.is_dir():
+        dec.heads.save(heads_dir)
+    print(json.dumps(result, indent=2, sort_keys=True) if args.json else result)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
