@@ -32,6 +32,7 @@ from stopwise.sampling.rules import sampling_rule  # noqa: E402
 
 CHECKPOINT = HERE / "data" / "sampling_math.jsonl"
 DEER_CHECKPOINT = HERE / "data" / "sampling_deer.jsonl"
+CERTIFICATE = HERE / "data" / "sampling_certificate.json"
 N = 16
 BASELINES = ("esc", "asc", "dirichlet", "dsc", "first_finish", "confidence")
 
@@ -58,9 +59,12 @@ def oracle_halts(trace: Trace) -> np.ndarray:
     return (last_diff + 1).astype(np.int64)
 
 
-def certified_run(cal: Trace, test: Trace, *, epsilon: float, delta: float, risk: str) -> dict[str, Any]:
+def certified_run(cal: Trace, test: Trace, *, epsilon: float, delta: float, risk: str,
+                  save: Path | None = None) -> dict[str, Any]:
     try:
         cert = certify(cal, epsilon=epsilon, delta=delta, risk=risk)
+        if save is not None:
+            cert.save(save)
     except CalibrationError as exc:  # a partial recording may be too small to certify anything
         out = measure(test, np.full(test.n, test.n_stages - 1))
         out.update({"certified": False, "lam": None, "epsilon": epsilon, "delta": delta, "risk": risk,
@@ -83,7 +87,7 @@ def sampling_report(trace: Trace, *, epsilon: float, delta: float, acc_epsilon: 
     for name in BASELINES + ("settled",):
         methods[name if name != "settled" else "settled_default_lam"] = measure(
             test, sampling_rule(name, max_samples=test.n_stages).halts(test))
-    cert = certified_run(cal, test, epsilon=epsilon, delta=delta, risk="gap")
+    cert = certified_run(cal, test, epsilon=epsilon, delta=delta, risk="gap", save=CERTIFICATE)
     methods["certified"] = cert
     cert_acc = certified_run(cal, test, epsilon=acc_epsilon, delta=delta, risk="accuracy_drop")
     methods["certified_accuracy_drop"] = cert_acc
@@ -115,6 +119,8 @@ def sampling_report(trace: Trace, *, epsilon: float, delta: float, acc_epsilon: 
         "epsilon": epsilon,
         "delta": delta,
         "lam": cert["lam"],
+        "certified": cert["certified"],
+        "certificate": str(CERTIFICATE.relative_to(HERE.parent)) if cert["certified"] else None,
         "best_baseline": best,
         "best_baseline_saved_fraction": base[best]["samples_saved_fraction"],
         "best_baseline_accuracy_drop_points": base[best]["accuracy_drop_points"],

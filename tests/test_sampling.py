@@ -555,3 +555,27 @@ def test_cli_sample_calibrate(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert cert.certified and cert.rule["name"] == "vote_settled"
     assert main(["sample", "calibrate", str(tmp_path / "missing.npz"), "--epsilon", "0.1"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_cli_record_and_run_against_an_endpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from stopwise.cli import main
+
+    questions = tmp_path / "q.jsonl"
+    questions.write_text("\n".join(json.dumps({"id": f"q{i}", "prompt": f"question {i}", "label": str(i % 2)})
+                                   for i in range(4)) + "\n")
+    ck = tmp_path / "ck.jsonl"
+    with Stub([]) as stub:
+        args = ["sample", "record", str(questions), "--endpoint", stub.url, "-n", "3", "-o", str(ck), "--no-progress"]
+        assert main([*args, "--limit", "2"]) == 0
+        assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["pending"] == 2
+        assert main(args) == 0
+        status = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert status["done"] == 4 and status["new"] == 2 and status["n"] == 4
+        trace = Trace.load(ck.with_suffix(".npz"))
+        assert trace.n == 4 and trace.n_stages == 3 and trace.labels is not None
+        assert main(["sample", "run", str(questions), "--endpoint", stub.url, "--rule", "first_finish",
+                     "--max-samples", "4"]) == 0
+        lines = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
+        assert [x["samples"] for x in lines] == [1, 1, 1, 1] and all(x["answer"] == "0" for x in lines)
+    assert main(["sample", "run", str(tmp_path / "none.jsonl"), "--endpoint", "http://127.0.0.1:1/v1"]) == 2
+    assert "does not exist" in capsys.readouterr().err
