@@ -177,12 +177,29 @@ def test_rules_read_each_sample_not_the_running_vote() -> None:
             assert (window == window[0]).all() and window[0] != NO_ANSWER
 
 
-def test_vote_settled_at_lambda_one_never_changes_the_final_vote() -> None:
+@pytest.mark.parametrize("model", ["urn", "pessimistic"])
+def test_vote_settled_at_lambda_one_never_changes_the_final_vote(model: str) -> None:
     for seed in range(5):
         trace = random_trace(seed=seed, n=80, k=10)
-        halts = VoteSettled(budget=trace.n_stages, lam=1.0).halts(trace)
+        halts = VoteSettled(budget=trace.n_stages, model=model, lam=1.0).halts(trace)
         assert (trace.predictions_at(halts) == trace.reference).all()
         assert (halts < trace.n_stages - 1).any()  # and it does stop early sometimes
+
+
+def test_urn_keep_probability() -> None:
+    from stopwise.sampling.rules import urn_keep_probability
+
+    assert urn_keep_probability((5, 1), 0, 3, 1.0, 1000) == 1.0  # lead 4 > 3 samples left: decided
+    assert urn_keep_probability((2, 2), 0, 0, 1.0, 1000) == 1.0  # no samples left: the vote is final
+    assert urn_keep_probability((), 3, 4, 1.0, 1000) == 0.0
+    close = urn_keep_probability((3, 2), 0, 6, 1.0, 2000)
+    wide = urn_keep_probability((6, 1), 0, 6, 1.0, 2000)
+    assert 0.3 < close < wide < 1.0
+    # Deterministic: the same counts give the same statistic (online equals offline).
+    urn_keep_probability.cache_clear()
+    assert urn_keep_probability((3, 2), 0, 6, 1.0, 2000) == close
+    # Tied counts: the earlier answer leads, so it keeps the vote more often than the later one would.
+    assert urn_keep_probability((2, 2), 0, 4, 1.0, 2000) > 0.5
 
 
 def test_first_finish_dsc_and_confidence_stop() -> None:

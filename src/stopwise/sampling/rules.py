@@ -13,6 +13,8 @@ that certificates naming them can rebuild them with ``Certificate.make_rule()``.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 from typing import Any
 
 import numpy as np
@@ -142,34 +144,109 @@ class DirichletPosterior(_History):
         return hist, np.where(counts[:, 0] > 0, stat, -np.inf)
 
 
-class VoteSettled(_History):
-    """Probability that the current leader still wins the vote over the full budget of samples.
+def _appearance_counts(row: IntArray) -> tuple[tuple[int, ...], int]:
+    """Counts of each valid answer in order of first appearance, and the number of no-answers."""
+    order: dict[int, int] = {}
+    for code in row.tolist():
+        if code != NO_ANSWER:
+            order[code] = order.get(code, 0) + 1
+    return tuple(order.values()), int((row == NO_ANSWER).sum())
 
-    With a, b the two top counts after k samples and r = ``budget`` - k samples still to come,
-    suppose (pessimistically) that every future sample goes to the leader or the runner-up, with
-    the leader's share p ~ Beta(a + 1, b + 1). The leader keeps the lead when its future count X
-    ~ BetaBinomial(r, a + 1, b + 1) satisfies a + X > b + r - X. Stop when that probability is
-    >= λ. When a - b > r the vote is decided and the statistic is 1. This targets exactly the risk
-    "answer differs from the full-budget majority vote", and is stopwise's default family for a
-    calibrated stop.
+
+@functools.lru_cache(maxsize=1 << 16)
+def urn_keep_probability(counts: tuple[int, ...], n_none: int, remaining: int, alpha: float, draws: int) -> float:
+    """P(the current vote winner still wins after ``remaining`` more samples) under a Pólya urn.
+
+    Future samples repeat an earlier answer with probability proportional to its count (no
+    answer included), or bring a new answer with weight ``alpha`` (a Chinese restaurant process:
+    the posterior predictive of an exchangeable sequence). Ties go to the earliest answer, as in
+    the vote. Estimated from ``draws`` simulations with a seed fixed by the arguments, so the
+    statistic is a deterministic function of the counts (online and offline agree).
+    """
+    if not counts:
+        return 0.0
+    c = np.asarray(counts, dtype=np.float64)
+    leader = int(np.argmax(c))  # first maximum: the earliest answer wins ties
+    if remaining == 0:
+        return 1.0
+    if len(c) == 1 or c[leader] - np.sort(c)[-2] > remaining:
+        if len(c) == 1 and c[0] <= remaining:
+            pass  # a new answer could still catch up
+        else:
+            return 1.0
+    key = hashlib.blake2b(repr((counts, n_none, remaining, alpha, draws)).encode(), digest_size=8).digest()
+    rng = np.random.default_rng(int.from_bytes(key, "little"))
+    m = len(c)
+    # Columns: existing answers, up to `remaining` new answers, then "no answer".
+    tally = np.zeros((draws, m + remaining + 1))
+    tally[:, :m] = c
+    tally[:, -1] = n_none
+    n_new = np.zeros(draws, dtype=np.int64)
+    rows = np.arange(draws)
+    u = rng.random((remaining, draws))
+    for step in range(remaining):
+        total = tally.sum(axis=1) + alpha
+        weights = np.concatenate([tally, np.full((draws, 1), alpha)], axis=1)
+        cum = np.cumsum(weights, axis=1) / total[:, None]
+        pick = (u[step][:, None] > cum).sum(axis=1)
+        is_new = pick == weights.shape[1] - 1
+        pick = np.where(is_new, m + n_new, pick)
+        n_new = n_new + is_new
+        tally[rows, pick] += 1
+    final = tally[:, :-1]
+    # Simulations cannot prove the vote decided: only the exact check above returns 1.
+    return min(float(np.mean(final.argmax(axis=1) == leader)), 1.0 - 0.5 / draws)
+
+
+class VoteSettled(_History):
+    """Probability that the current vote winner still wins the vote over the full budget.
+
+    With r = ``budget`` - k samples still to come after k:
+
+    - ``model="urn"`` (default): future samples follow a Pólya urn / Chinese restaurant process
+      on the answers seen so far (new answers with weight ``alpha``; "auto": 1 + the number of
+      answers seen once, a Good-Turing estimate from the question's own samples); the statistic is the
+      posterior-predictive probability that the final vote equals the current one
+      (:func:`urn_keep_probability`).
+    - ``model="pessimistic"``: every future sample goes to the leader or the runner-up, with the
+      leader's share p ~ Beta(a + 1, b + 1); the leader keeps the lead when its future count
+      X ~ BetaBinomial(r, a + 1, b + 1) satisfies a + X > b + r - X.
+
+    Both give 1 when the vote is decided (the lead exceeds r). Stop when the statistic is >= λ.
+    This targets exactly the risk "answer differs from the full-budget majority vote" and is
+    stopwise's default family for a calibrated stop.
     """
 
     name = "vote_settled"
     default_lam = 0.95
 
-    def __init__(self, *, budget: int = 16, lam: float | None = None) -> None:
+    def __init__(self, *, budget: int = 16, model: str = "urn", alpha: float | str = "auto", draws: int = 2000,
+                 lam: float | None = None) -> None:
         super().__init__(lam=lam)
         self.budget = check_int(budget, "budget", "VoteSettled", minimum=1)
+        self.model = check_choice(model, "model", "VoteSettled", ("urn", "pessimistic"))
+        if alpha != "auto" and (not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not alpha > 0):
+            raise StopwiseError(f"The 'alpha' parameter of VoteSettled must be 'auto' or a number > 0. Got {alpha!r} instead.")
+        self.alpha: float | str = alpha if alpha == "auto" else float(alpha)
+        self.draws = check_int(draws, "draws", "VoteSettled", minimum=100)
 
     def params(self) -> dict[str, Any]:
-        return {"budget": self.budget}
+        return {"budget": self.budget, "model": self.model, "alpha": self.alpha, "draws": self.draws}
 
     def update(self, state: State, batch: StageBatch) -> tuple[State, FloatArray]:
         hist = self._append(state, batch)
+        r = max(self.budget - hist.shape[1], 0)
+        if self.model == "urn":
+            stat = np.empty(len(hist))
+            for i, row in enumerate(hist):
+                counts, n_none = _appearance_counts(row)
+                # "auto": Good-Turing, P(new answer) ~ singletons / k, i.e. alpha ~ 1 + singletons.
+                alpha = 1.0 + sum(c == 1 for c in counts) if self.alpha == "auto" else float(self.alpha)
+                stat[i] = urn_keep_probability(counts, n_none, r, alpha, self.draws) if counts else -np.inf
+            return hist, stat
         counts = _counts(hist)
         a = counts[:, 0]
         b = counts[:, 1] if counts.shape[1] > 1 else np.zeros_like(a)
-        r = max(self.budget - hist.shape[1], 0)
         need = np.floor((b - a + r) / 2.0)  # X must exceed this
         if r == 0:
             stat = (a > b).astype(np.float64)
