@@ -155,6 +155,13 @@ def deer_report(path: Path, *, lam: float, score: str) -> dict[str, Any]:
         "deer_agreement_with_full_thinking": float((trace.predictions_at(halts) == trace.reference).mean()),
         "deer_mean_transitions": float(trace.lengths.mean() - 1),
     }
+    curve = []
+    for lam_i in (0.5, 0.6, 0.7, 0.8, 0.9, 0.95):
+        h = Signal(signal=f"deer_{score}", lam=lam_i).halts(trace)
+        curve.append({"lam": lam_i, "tokens_saved_fraction": float(1.0 - trace.cost_at(h).mean() / trace.full_cost.mean()),
+                      "accuracy_change_points": 100.0 * (float((trace.predictions_at(h) == trace.labels).mean()) - full_acc),
+                      "agreement_with_full_thinking": float((trace.predictions_at(h) == trace.reference).mean())})
+    out["deer_curve"] = curve
     # Conformal risk control needs few points (n >= 1/ε - 1): in-sample here, too few for a split.
     crc = calibrate(trace, Signal(signal=f"deer_{score}"), epsilon=0.2, method="crc", risk="gap")
     out["deer_crc_in_sample"] = {"epsilon": 0.2, "lam": crc.lam, "tokens_saved_fraction": crc.savings,

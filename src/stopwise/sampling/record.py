@@ -56,7 +56,7 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, Any] | None, list[dict[
                 continue
             if row.get("type") == "header" and header is None:
                 header = row
-            elif row.get("type") == "question" and isinstance(row.get("samples"), list):
+            elif row.get("type") == "question" and "id" in row:
                 rows.append(row)
     return header, rows
 
@@ -151,7 +151,9 @@ def trace_from_records(rows: Sequence[dict[str, Any]], *, header: dict[str, Any]
         raise StopwiseError("Cannot build a trace from zero recorded questions.")
     extractor = None if extract is None else make_extractor(extract)
     lab_extractor = make_extractor(label_extract or extract or "number")
-    k = n_samples or max(len(r["samples"]) for r in rows)
+    k = n_samples or max(len(r.get("samples") or []) for r in rows)
+    if k < 1:
+        raise StopwiseError("The recorded questions hold no samples.")
     n = len(rows)
     sample = np.full((n, k), NO_ANSWER, dtype=np.int64)
     conf = np.zeros((n, k))
@@ -159,7 +161,7 @@ def trace_from_records(rows: Sequence[dict[str, Any]], *, header: dict[str, Any]
     lengths = np.zeros(n, dtype=np.int64)
     answers: list[list[str]] = []
     for i, r in enumerate(rows):
-        samples = r["samples"][:k]
+        samples = r.get("samples", [])[:k] if isinstance(r.get("samples"), list) else []
         if not samples:
             raise StopwiseError(f"Question {r.get('id')!r} has no samples; drop it or record it again.")
         texts = [s.get("answer") if extractor is None else safe_extract(extractor, s.get("text")) for s in samples]
