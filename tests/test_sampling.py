@@ -505,6 +505,17 @@ def test_async_sampler_over_http_stub() -> None:
         assert len(stub.bodies) <= 3 * 8
 
 
+def test_async_sampler_failed_requests_raise_or_count_as_no_answer() -> None:
+    with Stub([500] * 3) as stub:
+        sampler = AdaptiveSampler(HTTPBackend(stub.url, retries=0), "asc", max_samples=6, step=1)
+        with pytest.raises(EndpointError, match="HTTP 500"):
+            sampler.arun_sync(["a"])
+    with Stub([500] * 3) as stub:
+        sampler = AdaptiveSampler(HTTPBackend(stub.url, retries=0), "asc", max_samples=6, step=1, on_error="no_answer")
+        (result,) = sampler.arun_sync(["a"])
+        assert result.answers[:3] == [None, None, None] and result.answer == "0"
+
+
 # -- the server app with a fake model (no torch) -----------------------------------------------------
 
 
@@ -551,6 +562,9 @@ def test_serve_refuses_non_loopback_hosts() -> None:
 
     with pytest.raises(StopwiseError, match="loopback"):
         check_host("0.0.0.0")
+    from stopwise.cli import main
+
+    assert main(["serve", "--host", "0.0.0.0", "--port", "1"]) == 2  # refused before loading any model
 
 
 def test_cli_module_does_not_import_torch() -> None:

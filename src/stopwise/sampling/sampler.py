@@ -101,11 +101,15 @@ class AdaptiveSampler:
         max_samples: the budget N per question.
         step: samples drawn per question per step (ESC: its window; async: requests in flight).
         vote: "majority" or "weighted" (confidence-weighted).
+        on_error: in :meth:`arun`, a request that fails for good (after the backend's retries)
+            either stops the run ("raise", default) or counts as a sample with no answer
+            ("no_answer"), so one bad request does not lose a long run.
     """
 
     def __init__(self, backend: Any, rule: Rule | str | Certificate = "settled", *, lam: float | None = None,
                  max_samples: int = 16, step: int = 1, extract: str | Extractor = "number",
-                 temperature: float = 0.7, max_tokens: int = 96, vote: str = "majority", seed: int = 0) -> None:
+                 temperature: float = 0.7, max_tokens: int = 96, vote: str = "majority", seed: int = 0,
+                 on_error: str = "raise") -> None:
         register()
         self.backend = backend
         self.max_samples = check_int(max_samples, "max_samples", "AdaptiveSampler", minimum=1)
@@ -124,6 +128,7 @@ class AdaptiveSampler:
         self.max_tokens = check_int(max_tokens, "max_tokens", "AdaptiveSampler", minimum=1)
         self.weighted = check_choice(vote, "vote", "AdaptiveSampler", ("majority", "weighted")) == "weighted"
         self.seed = int(seed)
+        self.on_error = check_choice(on_error, "on_error", "AdaptiveSampler", ("raise", "no_answer"))
 
     @staticmethod
     def _check_questions(questions: Sequence[Question | str]) -> list[Question]:
@@ -200,7 +205,12 @@ class AdaptiveSampler:
             if client is not None:
                 kwargs["client"] = client
             async with gate:
-                result: list[Completion] = await self.backend.agenerate(q.prompt, **kwargs)
+                try:
+                    result: list[Completion] = await self.backend.agenerate(q.prompt, **kwargs)
+                except StopwiseError:
+                    if self.on_error == "raise":
+                        raise
+                    result = [Completion(text="", n_tokens=0, finish_reason="error")]
                 return result
 
         def top_up() -> None:
