@@ -272,15 +272,16 @@ def fake_questions() -> tuple[list[Question], dict[str, list[str | None]]]:
     return qs, pools
 
 
-@pytest.mark.parametrize("name", ["esc", "asc", "dirichlet", "dsc", "settled", "confidence"])
-def test_sampler_matches_offline_halts_of_a_recorded_trace(tmp_path: Path, name: str) -> None:
+@pytest.mark.parametrize(("name", "step"), [("esc", 1), ("esc", 5), ("asc", 1), ("asc", 3), ("dirichlet", 1),
+                                           ("dsc", 1), ("settled", 1), ("settled", 4), ("confidence", 1)])
+def test_sampler_matches_offline_halts_of_a_recorded_trace(tmp_path: Path, name: str, step: int) -> None:
     qs, pools = fake_questions()
     record(qs, CallableBackend(FakeModel(pools)), tmp_path / "ck.jsonl", n=16, model="fake", progress=False)
     header, rows = read_checkpoint(tmp_path / "ck.jsonl")
     trace = trace_from_records(rows, header=header)
     rule = sampling_rule(name, max_samples=16)
     offline = rule.halts(trace)
-    sampler = AdaptiveSampler(CallableBackend(FakeModel(pools)), rule, max_samples=16, step=1)
+    sampler = AdaptiveSampler(CallableBackend(FakeModel(pools)), rule, max_samples=16, step=step)
     results = sampler.run(qs)
     assert [r.n_samples - 1 for r in results] == offline.tolist()
     # The answer returned is the trace's running vote at the halt.

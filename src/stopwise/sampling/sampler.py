@@ -65,17 +65,18 @@ class _Tally:
         self.conf.append(float(c.confidence))
         self.tokens.append(int(c.n_tokens))
 
-    def current(self) -> tuple[int, str | None, int]:
-        """(hashed vote, vote string, dense code of the latest sample)."""
-        codes, names = dense_codes(self.answers)
-        w = np.asarray(self.conf)[None, :] if self.weighted else None
+    def current(self, stage: int) -> tuple[int, str | None, int]:
+        """(hashed vote, vote string, dense code of sample ``stage``) over samples 0..stage only
+        (a step may have drawn more samples than the stopper has seen yet)."""
+        codes, names = dense_codes(self.answers[: stage + 1])
+        w = np.asarray(self.conf[: stage + 1])[None, :] if self.weighted else None
         winner = int(running_votes(codes[None, :], w)[0, -1])
         vote = None if winner < 0 else names[winner]
         return int(hash_answers([vote])[0]), vote, int(codes[-1])
 
 
 def _batch(index: int, tallies: Sequence[_Tally]) -> StageBatch:
-    rows = [t.current() for t in tallies]
+    rows = [t.current(index) for t in tallies]
     return StageBatch(
         index=index,
         predictions=np.asarray([r[0] for r in rows], dtype=np.int64),
