@@ -27,6 +27,7 @@ sys.path.insert(0, str(HERE.parent / "src"))
 from stopwise import CalibrationError, Signal, Trace, calibrate  # noqa: E402
 from stopwise.sampling.certify import certify  # noqa: E402
 from stopwise.sampling.deer import deer_trace, result_from_json  # noqa: E402
+from stopwise.sampling.extract import NumberExtractor  # noqa: E402
 from stopwise.sampling.record import read_checkpoint, trace_from_records  # noqa: E402
 from stopwise.sampling.rules import sampling_rule  # noqa: E402
 
@@ -137,7 +138,8 @@ def deer_report(path: Path, *, lam: float, score: str) -> dict[str, Any]:
     header, rows = read_checkpoint(path)
     if not rows:
         return {"deer_n_problems": 0, "note": f"no DEER recording at {path}"}
-    results = [result_from_json(r) for r in rows]
+    # Re-read trial answers from the stored text with the current extractor.
+    results = [result_from_json(r, extract=NumberExtractor(markers=("=",))) for r in rows]
     trace = deer_trace(results, labels=[r.get("label") for r in rows])
     rule = Signal(signal=f"deer_{score}", lam=lam)
     halts = rule.halts(trace)
@@ -185,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     if not rows:
         print(f"No recorded problems in {CHECKPOINT}: run benchmarks/record_sampling.py first.", file=sys.stderr)
         return 1
-    trace = trace_from_records(rows, header=header, n_samples=N)
+    # Answers are re-extracted from the stored completions with the current extractor.
+    trace = trace_from_records(rows, header=header, n_samples=N, extract="number")
     report: dict[str, Any] = {
         "model": "SmolLM2-135M-Instruct (bundled, fp32 CPU)",
         "data": "mathematics-dataset train-easy: arithmetic add_or_sub, add_sub_multiple, mul, div; algebra linear_1d",

@@ -62,6 +62,8 @@ from stopwise.sampling.vote import dense_codes, running_votes, vote
     ("Answer: 2/3", "2/3"),
     ("Answer: 4.000", "4"),
     ("The result is 3 then 5", "5"),
+    ("87 - 64 = ", "64"),
+    ("x is -7", "-7"),
     ("no digits here", None),
     ("", None),
     ("Answer: 1/0", None),

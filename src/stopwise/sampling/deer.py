@@ -204,9 +204,12 @@ def result_to_json(r: DeerResult, *, label: str | None = None) -> dict[str, Any]
                        "scores": s.scores, "trial_text": s.trial_text} for s in r.steps]}
 
 
-def result_from_json(row: dict[str, Any]) -> DeerResult:
-    steps = [Step(think_tokens=s["think_tokens"], trial_tokens=s["trial_tokens"], answer=s["answer"],
+def result_from_json(row: dict[str, Any], *, extract: Extractor | None = None) -> DeerResult:
+    """A recorded DEER result; ``extract`` re-reads the trial answers from their stored text."""
+    steps = [Step(think_tokens=s["think_tokens"], trial_tokens=s["trial_tokens"],
+                  answer=s["answer"] if extract is None else safe_extract(extract, s.get("trial_text", "")),
                   scores=dict(s["scores"]), trial_text=s.get("trial_text", "")) for s in row["steps"]]
-    return DeerResult(id=str(row["id"]), answer=row.get("answer"), think_tokens=int(row["think_tokens"]),
+    return DeerResult(id=str(row["id"]), answer=steps[-1].answer if steps else row.get("answer"),
+                      think_tokens=int(row["think_tokens"]),
                       trial_tokens=int(row["trial_tokens"]), stopped_early=False, steps=steps,
                       thinking=row.get("thinking", ""))

@@ -20,8 +20,8 @@ DEFAULT_MARKERS = ("final answer:", "final answer is", "answer:", "answer is", "
 
 _NUMBER = re.compile(
     r"""(?<![\w.])                      # not glued to a word or another number
-        ([-+\u2212]?)\s*                # sign (ASCII or unicode minus)
-        \$?\s*
+        ([-+\u2212]?)                   # sign, glued to the number ("87 - 64" is no negative 64)
+        \$?
         (\d{1,3}(?:,\d{3})+|\d+)?       # integer part, optionally with thousands separators
         (?:\.(\d+))?                    # decimal part
         (?:\s*/\s*([-+]?\d+))?          # fraction denominator

@@ -46,6 +46,7 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, Any] | None, list[dict[
     if not path.is_file():
         return None, []
     header, rows = None, []
+    seen: set[Any] = set()
     with open(path, encoding="utf-8", errors="replace") as fh:
         for line in fh:
             try:
@@ -56,7 +57,8 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, Any] | None, list[dict[
                 continue
             if row.get("type") == "header" and header is None:
                 header = row
-            elif row.get("type") == "question" and "id" in row:
+            elif row.get("type") == "question" and "id" in row and row["id"] not in seen:
+                seen.add(row["id"])  # a question recorded twice (two runs at once): keep the first
                 rows.append(row)
     return header, rows
 
