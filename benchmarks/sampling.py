@@ -90,6 +90,7 @@ def sampling_report(trace: Trace, *, epsilon: float, delta: float, acc_epsilon: 
             test, sampling_rule(name, max_samples=test.n_stages).halts(test))
     cert = certified_run(cal, test, epsilon=epsilon, delta=delta, risk="gap", save=CERTIFICATE)
     methods["certified"] = cert
+    methods["certified_eps_0.1"] = certified_run(cal, test, epsilon=0.1, delta=delta, risk="gap")
     cert_acc = certified_run(cal, test, epsilon=acc_epsilon, delta=delta, risk="accuracy_drop")
     methods["certified_accuracy_drop"] = cert_acc
     # Repeated random splits: how often the certified gap risk exceeds ε on the test half.

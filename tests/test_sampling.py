@@ -415,7 +415,18 @@ class Stub:
                 if isinstance(action, tuple) and action[0] == "sleep":
                     time.sleep(action[1])
                     action = "ok"
-                if action == "ok":
+                if action == "ok" and "prompt" in body:  # /completions: a scripted chain of thought
+                    prompt = body["prompt"]
+                    if prompt.endswith("Final answer: "):
+                        text, lps = f"{prompt.count('Step.') + 4}\n", [-0.01 * (1 + prompt.count("Step."))] * 2
+                    elif prompt.count("Step.") < 3:
+                        text, lps = "Step.\n\n", [-0.1] * 3
+                    else:
+                        text, lps = "", []
+                    payload = {"choices": [{"index": 0, "text": text, "finish_reason": "stop",
+                                            "logprobs": {"token_logprobs": lps}}]}
+                    self._send(200, json.dumps(payload))
+                elif action == "ok":
                     n = body.get("n", 1)
                     payload = {"choices": [{"index": i, "message": {"role": "assistant", "content": f"Answer: {i}"},
                                             "logprobs": {"content": [{"token": "a", "logprob": -0.1}] * 3},
@@ -517,6 +528,27 @@ def test_async_sampler_failed_requests_raise_or_count_as_no_answer() -> None:
         sampler = AdaptiveSampler(HTTPBackend(stub.url, retries=0), "asc", max_samples=6, step=1, on_error="no_answer")
         (result,) = sampler.arun_sync(["a"])
         assert result.answers[:3] == [None, None, None] and result.answer == "0"
+
+
+def test_deer_over_an_endpoint_and_its_trace() -> None:
+    from stopwise.sampling.deer import DEER, deer_trace, result_from_json, result_to_json
+
+    with Stub([]) as stub:
+        with pytest.raises(StopwiseError, match="completions"):
+            DEER(HTTPBackend(stub.url))
+        deer = DEER(HTTPBackend(stub.url, api="completions"), lam=0.975, template="Q: {question}\nA: ")
+        full = deer.run("What is 2 + 2?", full=True)
+        # Three transitions with trials 4, 5, 6 (confidence exp(-0.02), exp(-0.03), exp(-0.04)), then the end.
+        assert [s.answer for s in full.steps] == ["5", "6", "7", "7"] and not full.stopped_early
+        early = deer.run("What is 2 + 2?")
+        assert early.stopped_early and early.answer == "5" and early.think_tokens == 3 < full.think_tokens == 9
+        assert stub.bodies[0]["prompt"].startswith("Q: What is 2 + 2?") and stub.bodies[0]["logprobs"] == 1
+    again = result_from_json(json.loads(json.dumps(result_to_json(full, label="7"))))
+    trace = deer_trace([full, again], labels=["7", "5"])
+    assert trace.n_stages == 4 and trace.reference.tolist() == stopwise.hash_answers(["7", "7"]).tolist()
+    assert trace.cost[0].tolist() == [3 + 2, 6 + 4, 9 + 6, 9 + 8]
+    halts = stopwise.Signal(signal="deer_mean", lam=0.975).halts(trace)
+    assert halts.tolist() == [0, 0]
 
 
 # -- the server app with a fake model (no torch) -----------------------------------------------------
