@@ -166,17 +166,17 @@ class HTTPBackend:
 
         for attempt in range(self.retries + 1):
             self.requests_sent += 1
+            wait = 0.0
             try:
                 resp = client.post(self.url, json=body)
             except (httpx.TransportError, httpx.TimeoutException) as exc:
                 if attempt == self.retries:
                     raise self._down(exc) from None
             else:
-                if resp.status_code in RETRY_STATUS and attempt < self.retries:
-                    pass
-                else:
+                if not (resp.status_code in RETRY_STATUS and attempt < self.retries):
                     return self._decode(resp)
-            time.sleep(self._delay(attempt))
+                wait = self._retry_after(resp)
+            time.sleep(self._delay(attempt, wait))
         raise AssertionError("unreachable")
 
     # -- asynchronous --------------------------------------------------------------------------
@@ -203,6 +203,7 @@ class HTTPBackend:
 
         for attempt in range(self.retries + 1):
             self.requests_sent += 1
+            wait = 0.0
             try:
                 resp = await client.post(self.url, json=body)
             except (httpx.TransportError, httpx.TimeoutException) as exc:
@@ -211,7 +212,8 @@ class HTTPBackend:
             else:
                 if not (resp.status_code in RETRY_STATUS and attempt < self.retries):
                     return self._decode(resp)
-            await asyncio.sleep(self._delay(attempt))
+                wait = self._retry_after(resp)
+            await asyncio.sleep(self._delay(attempt, wait))
         raise AssertionError("unreachable")
 
     def client(self) -> Any:
@@ -220,8 +222,16 @@ class HTTPBackend:
         return httpx.AsyncClient(timeout=self.timeout, headers=self.headers)
 
     # -- errors ------------------------------------------------------------------------------------
-    def _delay(self, attempt: int) -> float:
-        return float(self.backoff * (2**attempt) * (0.5 + random.random() / 2))
+    def _delay(self, attempt: int, retry_after: float = 0.0) -> float:
+        """Jittered exponential backoff, at least the server's Retry-After (capped at 60 s)."""
+        return max(float(self.backoff * (2**attempt) * (0.5 + random.random() / 2)), min(retry_after, 60.0))
+
+    @staticmethod
+    def _retry_after(resp: Any) -> float:
+        try:
+            return max(0.0, float(resp.headers.get("retry-after", 0)))
+        except (TypeError, ValueError):
+            return 0.0
 
     def _down(self, exc: Exception) -> EndpointError:
         what = "timed out" if "Timeout" in type(exc).__name__ else "is unreachable"
