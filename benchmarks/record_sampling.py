@@ -19,7 +19,7 @@ DATA = HERE / "data"
 CHECKPOINT = DATA / "sampling_math.jsonl"
 TRACE = DATA / "sampling_math.npz"
 DEER_CHECKPOINT = DATA / "sampling_deer.jsonl"
-DEER_SETTINGS = {"transitions": ("\n\n",), "max_think_tokens": 64, "trial_tokens": 8, "data_seed": 1}
+DEER_SETTINGS = {"transitions": ("\n\n",), "max_think_tokens": 64, "trial_tokens": 8, "data_seed": 1, "decoding": "greedy-kv-session"}
 SETTINGS = {"n": 16, "temperature": 0.7, "max_tokens": 64, "seed": 0}
 SYSTEM = "You are a careful math tutor."
 

@@ -38,6 +38,19 @@ def test_local_sampling_is_seeded_and_independent_of_batch_company(backend: Any)
         assert 1 <= c.n_tokens <= 8 and len(c.logprobs) == c.n_tokens and max(c.logprobs) <= 0.0
 
 
+def test_greedy_session_continues_like_one_greedy_generation(backend: Any) -> None:
+    ids = backend.encode_prompt(QUESTIONS[0].prompt)
+    whole = backend.generate_ids([ids], n=1, temperature=0.0, max_tokens=10, seeds=[0])[0][0]
+    session = backend.session(ids)
+    first = session.generate(4)
+    trial = session.fork()
+    trial.extend(backend.encode(" Answer:"))
+    trial.generate(3)  # a discarded trial must not disturb the main session
+    rest = session.generate(6)
+    assert first.text + rest.text == whole.text
+    assert first.logprobs + rest.logprobs == pytest.approx(whole.logprobs, abs=1e-4)
+
+
 def test_disabled_stopping_gives_the_bare_models_samples(backend: Any) -> None:
     sampler = AdaptiveSampler(backend, Never(), max_samples=3, step=3, max_tokens=10, seed=5)
     results = sampler.run(QUESTIONS)

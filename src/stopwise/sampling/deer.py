@@ -57,27 +57,30 @@ class DeerResult:
 
 
 class _Local:
-    """Text-in, text-out continuation on the local backend (greedy by default)."""
+    """Greedy continuation on the local backend, keeping the KV cache of the thinking so far
+    (trials run on a copy of it)."""
 
     def __init__(self, backend: Any) -> None:
         self.backend = backend
+        self.session: Any = None
 
-    def prefix(self, question: str) -> str:
-        tok = self.backend.tokenizer
-        if self.backend.chat:
-            messages = ([{"role": "system", "content": self.backend.system}] if self.backend.system else []) + [
-                {"role": "user", "content": question}]
-            return str(tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
-        return question + "\n"
+    def start(self, question: str) -> None:
+        self.session = self.backend.session(self.backend.encode_prompt(question))
 
-    def complete(self, text: str, *, max_tokens: int, stop: Sequence[str]) -> tuple[str, int, tuple[float, ...], bool]:
-        ids = self.backend.encode(text)
-        c = self.backend.generate_ids([ids], n=1, temperature=0.0, max_tokens=max_tokens, seeds=[0], stop=stop)[0][0]
-        return c.text, c.n_tokens, c.logprobs or (), c.finish_reason == "stop"
+    def think(self, *, max_tokens: int, stop: Sequence[str]) -> tuple[str, int, bool]:
+        c = self.session.generate(max_tokens, stop)
+        return c.text, c.n_tokens, c.finish_reason == "stop"
+
+    def trial(self, answer_prompt: str, *, max_tokens: int) -> tuple[str, int, tuple[float, ...]]:
+        fork = self.session.fork()
+        fork.extend(self.backend.encode(answer_prompt))
+        c = fork.generate(max_tokens, ("\n",))
+        return c.text, c.n_tokens, c.logprobs or ()
 
 
 class _Endpoint:
-    """The same on an OpenAI-compatible ``/completions`` endpoint with logprobs."""
+    """The same on an OpenAI-compatible ``/completions`` endpoint with logprobs (the prompt is
+    resent each time: endpoints keep no state)."""
 
     def __init__(self, backend: Any, template: str) -> None:
         if getattr(backend, "api", None) != "completions" or not getattr(backend, "logprobs", False):
@@ -85,15 +88,24 @@ class _Endpoint:
                                 "to continue raw text and score tokens.")
         self.backend = backend
         self.template = template
+        self.text = ""
 
-    def prefix(self, question: str) -> str:
-        return self.template.format(question=question)
+    def start(self, question: str) -> None:
+        self.text = self.template.format(question=question)
 
-    def complete(self, text: str, *, max_tokens: int, stop: Sequence[str]) -> tuple[str, int, tuple[float, ...], bool]:
-        c = self.backend.generate([text], n=1, temperature=0.0, max_tokens=max_tokens, seeds=[0], raw=True,
-                                  stop=list(stop))[0][0]
+    def _complete(self, text: str, max_tokens: int, stop: Sequence[str]) -> Any:
+        return self.backend.generate([text], n=1, temperature=0.0, max_tokens=max_tokens, seeds=[0], raw=True,
+                                     stop=list(stop))[0][0]
+
+    def think(self, *, max_tokens: int, stop: Sequence[str]) -> tuple[str, int, bool]:
+        c = self._complete(self.text, max_tokens, stop)
+        self.text += c.text
         # Servers report "stop" for EOS and for stop strings alike: an empty chunk means the end.
-        return c.text, c.n_tokens, c.logprobs or (), c.n_tokens == 0
+        return c.text, c.n_tokens, c.n_tokens == 0
+
+    def trial(self, answer_prompt: str, *, max_tokens: int) -> tuple[str, int, tuple[float, ...]]:
+        c = self._complete(self.text + answer_prompt, max_tokens, ("\n",))
+        return c.text, c.n_tokens, c.logprobs or ()
 
 
 class DEER:
@@ -125,8 +137,8 @@ class DEER:
         # Trial answers often restate the sum ("87 - 64 = 23"): read the number after the last "=".
         self.extractor = NumberExtractor(markers=("=",)) if extract == "number" else make_extractor(extract)
 
-    def _trial(self, text: str) -> tuple[Step, int]:
-        trial, n_tok, lps, _ = self.model.complete(text + self.answer_prompt, max_tokens=self.trial_tokens, stop=("\n",))
+    def _trial(self) -> tuple[Step, int]:
+        trial, n_tok, lps = self.model.trial(self.answer_prompt, max_tokens=self.trial_tokens)
         scores = {how: token_score(lps, how) for how in SCORES}
         answer = safe_extract(self.extractor, trial)
         return Step(think_tokens=0, trial_tokens=n_tok, answer=answer, scores=scores, trial_text=trial), n_tok
@@ -135,23 +147,22 @@ class DEER:
         """Think with early exit at λ (``full=True``: never exit; try a trial at every transition)."""
         q = question if isinstance(question, Question) else Question(id="0", prompt=str(question))
         lam = self.lam if lam is None else float(lam)
-        text = self.model.prefix(q.prompt)
+        self.model.start(q.prompt)
         thinking, think_tokens, trial_total, steps = "", 0, 0, []
         while think_tokens < self.max_think_tokens:
-            chunk, n_tok, _, ended = self.model.complete(text + thinking, max_tokens=self.max_think_tokens - think_tokens,
-                                                         stop=self.transitions)
+            chunk, n_tok, ended = self.model.think(max_tokens=self.max_think_tokens - think_tokens, stop=self.transitions)
             thinking += chunk
             think_tokens += n_tok
             if ended or n_tok == 0 or think_tokens >= self.max_think_tokens:
                 break
-            step, n_trial = self._trial(text + thinking)
+            step, n_trial = self._trial()
             step.think_tokens = think_tokens
             trial_total += n_trial
             steps.append(step)
             if not full and step.scores[self.score] >= lam:
                 return DeerResult(id=q.id, answer=step.answer, think_tokens=think_tokens, trial_tokens=trial_total,
                                   stopped_early=True, steps=steps, thinking=thinking)
-        final, n_trial = self._trial(text + thinking)
+        final, n_trial = self._trial()
         final.think_tokens = think_tokens
         steps.append(final)
         return DeerResult(id=q.id, answer=final.answer, think_tokens=think_tokens, trial_tokens=trial_total + n_trial,

@@ -9,6 +9,7 @@ the batch at once, which matters on CPU.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -113,6 +114,10 @@ class LocalBackend:
                 ])
         return out
 
+    def session(self, ids: Sequence[int]) -> GreedySession:
+        """A single-sequence greedy decoder that keeps its KV cache between calls (DEER)."""
+        return GreedySession(self, ids)
+
     @torch.inference_mode()
     def _decode(self, prompts: Sequence[Sequence[int]], gens: list[torch.Generator], n: int, temperature: float,
                 top_p: float, max_new: int, stop: Sequence[str]) -> tuple[list[list[int]], list[list[float]], list[str]]:
@@ -193,3 +198,62 @@ class LocalBackend:
             idx = torch.tensor(js)
             chosen[idx] = torch.multinomial(probs[idx], 1, generator=gens[prompt]).squeeze(1)
         return chosen
+
+
+class GreedySession:
+    """Greedy decoding of one sequence that keeps its KV cache: extend, generate, fork.
+
+    DEER thinks in chunks and tries a trial answer at each transition; with a session the
+    thinking is never re-read, and a trial runs on a fork (a copy of the cache) that is dropped.
+    """
+
+    def __init__(self, backend: LocalBackend, ids: Sequence[int] = ()) -> None:
+        self.backend = backend
+        self.cache: Any = None
+        self.logits: torch.Tensor | None = None
+        self.length = 0
+        if ids:
+            self.extend(ids)
+
+    @torch.inference_mode()
+    def extend(self, ids: Sequence[int]) -> None:
+        """Read tokens into the cache (no generation)."""
+        if not ids:
+            return
+        x = torch.tensor([list(ids)], dtype=torch.long)
+        pos = torch.arange(self.length, self.length + len(ids))[None, :]
+        attn = torch.ones((1, self.length + len(ids)), dtype=torch.long)
+        out = self.backend.model(input_ids=x, attention_mask=attn, position_ids=pos, cache=self.cache, use_cache=True)
+        self.cache = out.cache
+        self.logits = out.logits[0, -1, :].float()
+        self.length += len(ids)
+
+    def fork(self) -> GreedySession:
+        other = GreedySession(self.backend)
+        other.cache = copy.deepcopy(self.cache)
+        other.logits = self.logits
+        other.length = self.length
+        return other
+
+    @torch.inference_mode()
+    def generate(self, max_tokens: int, stop: Sequence[str] = ()) -> Completion:
+        """Greedy tokens until EOS ("stop"), a stop string ("stop_string") or ``max_tokens`` ("length")."""
+        if self.logits is None:
+            raise StopwiseError("A GreedySession needs a prompt (extend it with token ids) before generating.")
+        tokens: list[int] = []
+        logps: list[float] = []
+        reason = "length"
+        for _ in range(max_tokens):
+            logp = torch.log_softmax(self.logits, dim=-1)
+            tok = int(self.logits.argmax())
+            if tok in self.backend.eos_ids:
+                reason = "stop"
+                break
+            tokens.append(tok)
+            logps.append(float(logp[tok]))
+            self.extend([tok])
+            if stop and any(st in self.backend.decode(tokens[-8:]) for st in stop):
+                reason = "stop_string"
+                break
+        return Completion(text=self.backend.decode(tokens), n_tokens=len(tokens), logprobs=tuple(logps),
+                          finish_reason=reason)
