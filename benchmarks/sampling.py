@@ -153,9 +153,9 @@ def deer_report(path: Path, *, lam: float, score: str, deer_epsilon: float = 0.2
         "deer_score": score,
         "deer_tokens_saved_fraction": float(1.0 - trace.cost_at(halts).mean() / trace.full_cost.mean()),
         "deer_accuracy_full_thinking": full_acc,
-        "deer_accuracy": acc,
+        "deer_paper_lam_accuracy": acc,
         "deer_accuracy_change_points": 100.0 * (acc - full_acc),
-        "deer_agreement_with_full_thinking": float((trace.predictions_at(halts) == trace.reference).mean()),
+        "deer_paper_lam_agreement_with_full_thinking": float((trace.predictions_at(halts) == trace.reference).mean()),
         "deer_mean_transitions": float(trace.lengths.mean() - 1),
     }
     curve = []
