@@ -128,8 +128,11 @@ def sampling_report(trace: Trace, *, epsilon: float, delta: float, acc_epsilon: 
         "best_baseline_accuracy_drop_points": base[best]["accuracy_drop_points"],
         "best_baseline_within_half_point": best_good,
         "best_baseline_within_half_point_saved_fraction": None if best_good is None else good[best_good]["samples_saved_fraction"],
+        # The guarantee bounds the population risk; a test half of ~n/2 problems is a noisy
+        # estimate of it, so its empirical risk exceeds ε more often than δ even when the bound holds.
         "repeated_splits": {"repeats": repeats, "mean_test_risk": float(np.mean(risks)),
-                            "violation_rate": float(np.mean(np.asarray(risks) > epsilon)),
+                            "max_test_risk": float(np.max(risks)),
+                            "test_half_risk_above_epsilon_rate": float(np.mean(np.asarray(risks) > epsilon)),
                             "mean_samples_saved_fraction": float(np.mean(saved))},
         "methods": methods,
     }
@@ -196,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--epsilon", type=float, default=0.05, help="gap risk level (vs the N-sample vote)")
-    parser.add_argument("--acc-epsilon", type=float, default=0.02, help="accuracy-drop risk level")
+    parser.add_argument("--acc-epsilon", type=float, default=0.03, help="accuracy-drop risk level")
     parser.add_argument("--delta", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=50)
