@@ -239,10 +239,10 @@ class VoteSettled(_History):
         if self.model == "urn":
             stat = np.empty(len(hist))
             for i, row in enumerate(hist):
-                counts, n_none = _appearance_counts(row)
+                seen, n_none = _appearance_counts(row)
                 # "auto": Good-Turing, P(new answer) ~ singletons / k, i.e. alpha ~ 1 + singletons.
-                alpha = 1.0 + sum(c == 1 for c in counts) if self.alpha == "auto" else float(self.alpha)
-                stat[i] = urn_keep_probability(counts, n_none, r, alpha, self.draws) if counts else -np.inf
+                alpha = 1.0 + sum(c == 1 for c in seen) if self.alpha == "auto" else float(self.alpha)
+                stat[i] = urn_keep_probability(seen, n_none, r, alpha, self.draws) if seen else -np.inf
             return hist, stat
         counts = _counts(hist)
         a = counts[:, 0]

@@ -93,7 +93,7 @@ def create_app(backend: Any, *, model_name: str = "smollm2", max_n: int = 16, ma
         except ValueError:
             return _error(400, "The request body is not valid JSON.")
         opts, err = validate(body)
-        if err is not None:
+        if err is not None or opts is None:
             return err
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages or not all(
@@ -118,7 +118,7 @@ def create_app(backend: Any, *, model_name: str = "smollm2", max_n: int = 16, ma
         except ValueError:
             return _error(400, "The request body is not valid JSON.")
         opts, err = validate(body)
-        if err is not None:
+        if err is not None or opts is None:
             return err
         prompt = body.get("prompt")
         if not isinstance(prompt, str) or not prompt:
