@@ -48,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
         status = record(questions, backend, CHECKPOINT, model="smollm2-135m-instruct", extract="number",
                         batch_questions=args.batch_questions, limit=args.limit, **SETTINGS)
         print(status, file=sys.stderr)
-    trace = convert(CHECKPOINT, TRACE, n_samples=SETTINGS["n"])
+    # Re-extract answers from the stored texts with the current extractor (as the benchmark does).
+    trace = convert(CHECKPOINT, TRACE, n_samples=SETTINGS["n"], extract="number")
     print(f"{trace!r} -> {TRACE}", file=sys.stderr)
     return 0
 
