@@ -107,11 +107,14 @@ def test_selective_and_loss_risks_from_the_cli(capsys, trace_file) -> None:
 
 
 
-def test_validate_repeats_splits_and_reports_the_violation_share(capsys, trace_file) -> None:
+@pytest.mark.parametrize("mode", ["bootstrap", "split"])
+def test_validate_repeats_calibration_and_reports_the_violation_share(capsys, trace_file, mode: str) -> None:
     code, out, _ = run(capsys, "validate", str(trace_file), "--rule", "max_prob", "--epsilon", "0.05",
-                       "--repeats", "40", "--n-cal", "1000", "--json")
+                       "--repeats", "40", "--n-cal", "1000", "--mode", mode, "--json")
     summary = json.loads(out)
-    assert code == 0 and summary["valid"] and summary["repeats"] == 40
+    assert code == 0 and summary["valid"] and summary["repeats"] == 40 and summary["mode"] == mode
     assert summary["violation_rate"] <= summary["allowance"]
+    code, _, err = run(capsys, "validate", str(trace_file), "--rule", "max_prob", "--epsilon", "0.05", "--mode", "kfold")
+    assert code == 2 and "'--mode' option" in err and "'bootstrap'" in err
     code, _, err = run(capsys, "validate", str(trace_file), "--rule", "max_prob", "--epsilon", "0.05", "--n-cal", "5000")
     assert code == 2 and "'--n-cal' option" in err

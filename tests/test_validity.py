@@ -18,7 +18,7 @@ import pytest
 
 import stopwise as sw
 from stopwise.synthetic import synthetic_trace
-from stopwise.validity import population_repeats, split_repeats
+from stopwise.validity import bootstrap_repeats, population_repeats, split_repeats
 
 pytestmark = pytest.mark.validity
 
@@ -121,11 +121,25 @@ def test_the_harness_catches_an_invalid_procedure(world) -> None:
 
 
 @pytest.mark.skipif(not REAL_TRACE.is_file(), reason="the shipped real trace is added with the encoder adapter")
-@pytest.mark.parametrize(("rule", "pvalue"), [("max_prob", "binomial"), ("entropy", "hoeffding_bentkus"), ("patience", "binomial")])
-def test_real_trace_split_violation_rate_is_at_most_delta(rule: str, pvalue: str) -> None:
+@pytest.mark.parametrize(("rule", "pvalue", "epsilon"), [("max_prob", "binomial", 0.02), ("entropy", "hoeffding_bentkus", 0.02),
+                                                      ("margin", "wsr", 0.02), ("patience", "binomial", 0.05)])
+def test_real_trace_violation_rate_is_at_most_delta(rule: str, pvalue: str, epsilon: float) -> None:
+    """The shipped BBC/MiniLM trace is the population: calibration sets are i.i.d. draws from it
+    (with replacement), so the true risk of each certificate is its risk on the whole trace."""
     trace = sw.Trace.load(REAL_TRACE)
-    n_cal = trace.n // 2
-    res = split_repeats(trace, sw.make_rule(rule), n_cal=n_cal, repeats=REPEATS, epsilon=0.02, delta=DELTA, pvalue=pvalue)
-    # Measured on the finite rest, the test risk is itself noisy; the allowance covers repeats only,
-    # so this is a slightly stricter check than the guarantee needs.
+    res = bootstrap_repeats(trace, sw.make_rule(rule), n_cal=trace.n // 2, repeats=REPEATS, epsilon=epsilon,
+                            delta=DELTA, pvalue=pvalue)
     assert res.violation_rate <= res.allowance, res.summary()
+    assert res.certified.mean() >= 0.5 and res.savings.mean() > 0.05, res.summary()
+
+
+@pytest.mark.skipif(not REAL_TRACE.is_file(), reason="the shipped real trace is added with the encoder adapter")
+def test_real_trace_split_check_is_stricter_than_the_guarantee() -> None:
+    """Calibrate on half, measure on the other half. The rest's risk moves against the calibration
+    half's (one finite total), so this may exceed δ even for a valid procedure; it must stay close
+    to the bootstrap rate and never certify a rule that is wrong for most splits."""
+    trace = sw.Trace.load(REAL_TRACE)
+    repeats = max(200, REPEATS // 2)
+    split = split_repeats(trace, sw.MaxProb(), n_cal=trace.n // 2, repeats=repeats, epsilon=0.02, delta=DELTA)
+    assert split.violation_rate <= 2 * DELTA, split.summary()
+    assert np.median(split.risks) <= 0.02, split.summary()
