@@ -210,3 +210,42 @@ def test_registry_configs_round_trip_and_unknown_names() -> None:
 def test_bad_rule_parameters(factory, message) -> None:
     with pytest.raises(sw.StopwiseError, match=message):
         factory()
+
+
+def test_register_rule_adds_a_user_rule_and_refuses_silent_overrides() -> None:
+    class LastProb(sw.Rule):
+        """Stop when the predicted class's probability is >= λ (a user rule)."""
+
+        name = "test_last_prob"
+        default_lam = 0.5
+
+        def update(self, state, batch):
+            return state, batch.probs[np.arange(len(batch.predictions)), batch.predictions]
+
+    try:
+        assert sw.register_rule(LastProb) is LastProb
+        rule = make_rule("test_last_prob", lam=0.7)
+        assert isinstance(rule, LastProb) and rule_from_config(rule.to_config()).lam == 0.7
+
+        class Other(LastProb):
+            pass
+
+        with pytest.raises(sw.StopwiseError, match="already registered as 'test_last_prob'"):
+            sw.register_rule(Other)
+        sw.register_rule(Other, replace=True)
+        assert RULES["test_last_prob"] is Other
+        with pytest.raises(sw.StopwiseError, match="'cls' parameter of register_rule"):
+            sw.register_rule(int)  # type: ignore[arg-type]
+    finally:
+        RULES.pop("test_last_prob", None)
+
+
+def test_adapter_rules_load_by_name_without_importing_the_adapter() -> None:
+    """A certificate naming a sampling rule must rebuild it in a fresh process."""
+    import subprocess
+    import sys
+
+    code = ("import sys, stopwise as sw; r = sw.make_rule('vote_settled', lam=0.9); "
+            "print(type(r).__module__, 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["stopwise.sampling.rules", "False"]

@@ -31,6 +31,7 @@ from stopwise.rules import (
     Stopper,
     WindowAgreement,
     make_rule,
+    register_rule,
 )
 from stopwise.trace import NO_ANSWER, StageBatch, Trace, hash_answers
 
@@ -40,5 +41,5 @@ __all__ = [
     "MinStage", "Never", "Patience", "Risk", "RiskController", "Rule", "Saturation", "Selective", "Signal",
     "StageBatch", "StageThresholds", "Stopper", "StopwiseError", "Trace", "TraceFormatError",
     "WindowAgreement", "__version__", "calibrate", "evaluate", "hash_answers", "make_risk",
-    "make_rule", "table",
+    "make_rule", "register_rule", "table",
 ]

@@ -20,9 +20,40 @@ RULES: dict[str, type[Rule]] = {
 
 _NESTED = {"rule", "rules"}
 
+# Adapter modules that register rules of their own; pure numpy, imported only when a name is
+# unknown, so that a saved certificate naming e.g. "vote_settled" loads without the user
+# importing the adapter first.
+RULE_PLUGINS = ("stopwise.sampling.rules",)
+
+
+def register_rule(cls: type[Rule], *, replace: bool = False) -> type[Rule]:
+    """Add a rule class to the registry under ``cls.name`` (usable as a class decorator)."""
+    if not (isinstance(cls, type) and issubclass(cls, Rule)):
+        raise StopwiseError(f"The 'cls' parameter of register_rule must be a Rule subclass. Got {cls!r} instead.")
+    name = getattr(cls, "name", "")
+    if not isinstance(name, str) or not name:
+        raise StopwiseError(f"The rule class {cls.__name__} needs a non-empty string 'name' to be registered.")
+    if RULES.get(name, cls) is not cls and not replace:
+        raise StopwiseError(f"A different rule is already registered as {name!r} ({RULES[name].__name__}); "
+                            "pass replace=True to override it.")
+    RULES[name] = cls
+    return cls
+
+
+def _load_plugins() -> None:
+    import importlib
+
+    for module in RULE_PLUGINS:
+        try:
+            importlib.import_module(module)
+        except ImportError:  # the adapter is not installed: its rules stay unknown
+            continue
+
 
 def make_rule(name: str, **params: Any) -> Rule:
     """Build a rule from its registry name, e.g. ``make_rule("entropy", normalized=True)``."""
+    if name not in RULES:
+        _load_plugins()
     if name not in RULES:
         raise StopwiseError(f"Unknown rule {name!r}. Known rules: {sorted(RULES)} (see `stopwise rules`).")
     try:
@@ -40,7 +71,7 @@ def rule_from_config(config: dict[str, Any]) -> Rule:
     name = config.get("name", "")
     lam = config.get("lam")
     if name in ("any_of", "all_of"):
-        return RULES[name](*params.pop("rules"), lam=lam)
+        return RULES[name](*params.pop("rules"), lam=lam)  # built-in: no plugin lookup needed
     return make_rule(name, lam=lam, **params)
 
 
@@ -53,6 +84,7 @@ def _fires_when(cls: type[Rule]) -> str:
 
 def describe_rules() -> list[dict[str, Any]]:
     """Name, summary, direction and default λ of every registered rule (for `stopwise rules`)."""
+    _load_plugins()
     out = []
     for name, cls in sorted(RULES.items()):
         doc = (cls.__doc__ or "").strip().splitlines()[0]
@@ -70,5 +102,5 @@ def describe_rules() -> list[dict[str, Any]]:
 __all__ = [
     "RULES", "AllOf", "AnyOf", "BetaPosterior", "Betting", "Budget", "Entropy", "Margin", "MaxProb",
     "MinStage", "Never", "Patience", "Rule", "Saturation", "Signal", "StageThresholds", "Stopper",
-    "WindowAgreement", "describe_rules", "halts_from_z", "make_rule", "rule_from_config",
+    "WindowAgreement", "describe_rules", "halts_from_z", "make_rule", "register_rule", "rule_from_config",
 ]

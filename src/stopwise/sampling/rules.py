@@ -22,7 +22,7 @@ from scipy.special import gammainc, gammaln
 from scipy.stats import betabinom
 
 from stopwise._errors import StopwiseError, check_choice, check_int
-from stopwise.rules import RULES, BetaPosterior, Rule, WindowAgreement, rule_from_config
+from stopwise.rules import RULES, BetaPosterior, Rule, WindowAgreement, register_rule, rule_from_config
 from stopwise.rules.base import State
 from stopwise.trace import NO_ANSWER, FloatArray, IntArray, StageBatch
 
@@ -377,7 +377,8 @@ SAMPLING_RULES: dict[str, type[Rule]] = {
 def register() -> None:
     """Add the sampling rules to the core registry (idempotent)."""
     for name, cls in SAMPLING_RULES.items():
-        RULES.setdefault(name, cls)
+        if name not in RULES:
+            register_rule(cls)
 
 
 register()
