@@ -96,15 +96,19 @@ class _Population:
 
 
 def population_repeats(pool: Trace, population: Trace, rule: Rule, *, n_cal: int, repeats: int, epsilon: float,
-                       delta: float = 0.1, risk: str | Risk = "gap", seed: int = 0, **calibrate_kwargs: Any) -> ValidityResult:
+                       delta: float = 0.1, risk: str | Risk = "gap", seed: int = 0, replace: bool = False,
+                       progress: bool = False, **calibrate_kwargs: Any) -> ValidityResult:
     """Calibrate on ``repeats`` random draws of ``n_cal`` rows of ``pool``; measure on ``population``."""
+    from tqdm import tqdm
+
     risk_obj = make_risk(risk)
     scorer = _Population(population, rule, risk_obj)
     rng = np.random.default_rng(seed)
     risks, certified, savings = np.zeros(repeats), np.zeros(repeats), np.zeros(repeats)
-    for r in range(repeats):
-        cal = pool[np.sort(rng.choice(pool.n, n_cal, replace=False))]
-        cert = calibrate(cal, rule, epsilon=epsilon, delta=delta, risk=risk_obj, seed=r, **calibrate_kwargs)
+    for r in tqdm(range(repeats), desc="calibrations", disable=not progress):
+        rows = rng.integers(0, pool.n, n_cal) if replace else rng.choice(pool.n, n_cal, replace=False)
+        cert = calibrate(pool[np.sort(rows)], rule, epsilon=epsilon, delta=delta, risk=risk_obj, seed=r,
+                         **calibrate_kwargs)
         risks[r] = scorer.risk(cert)
         certified[r] = cert.certified
         savings[r] = cert.savings
@@ -118,21 +122,10 @@ def bootstrap_repeats(trace: Trace, rule: Rule, *, n_cal: int, repeats: int, eps
     """Calibrate on ``repeats`` i.i.d. draws (with replacement) of ``n_cal`` rows of a real trace and
     measure each certificate's risk on the whole trace, which is the true risk under the trace's
     empirical distribution."""
-    from tqdm import tqdm
-
-    risk_obj = make_risk(risk)
-    scorer = _Population(trace, rule, risk_obj)
-    rng = np.random.default_rng(seed)
-    risks, certified, savings = np.zeros(repeats), np.zeros(repeats), np.zeros(repeats)
-    for r in tqdm(range(repeats), desc="bootstrap calibrations", disable=not progress):
-        cal = trace[np.sort(rng.integers(0, trace.n, n_cal))]
-        cert = calibrate(cal, rule, epsilon=epsilon, delta=delta, risk=risk_obj, seed=r, **calibrate_kwargs)
-        risks[r] = scorer.risk(cert)
-        certified[r] = cert.certified
-        savings[r] = cert.savings
-    return ValidityResult(repeats, epsilon, cert.delta, risks, certified, savings,
-                          config={"rule": repr(rule), "risk": risk_obj.name, "n_cal": n_cal, "mode": "bootstrap",
-                                  **calibrate_kwargs})
+    res = population_repeats(trace, trace, rule, n_cal=n_cal, repeats=repeats, epsilon=epsilon, delta=delta,
+                             risk=risk, seed=seed, replace=True, progress=progress, **calibrate_kwargs)
+    res.config["mode"] = "bootstrap"
+    return res
 
 
 def split_repeats(trace: Trace, rule: Rule, *, n_cal: int, repeats: int, epsilon: float, delta: float = 0.1,
