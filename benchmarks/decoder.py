@@ -29,6 +29,9 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--retrain", action="store_true")
     ap.add_argument("--heads", default=None)
+    ap.add_argument("--prompts", type=int, default=None, help="test prompts (default 54; the issue asks for >= 50)")
+    ap.add_argument("--new-tokens", type=int, default=None, help="new tokens per prompt (default 128)")
+    ap.add_argument("--hf-layers", default=None, help="comma-separated assistant_early_exit layers (default 6,10,15)")
     args = ap.parse_args()
     import torch
 
@@ -43,6 +46,7 @@ def main() -> int:
     torch.set_num_threads(2)
     q = args.quick
     n_test, n_new = (3, 16) if q else (54, 128)
+    n_test, n_new = args.prompts or n_test, args.new_tokens or n_new
     n_train, n_calib, calib_new = (12, 6, 12) if q else (90, 40, 48)
     dec = Decoder.from_pretrained("smollm2")
     heads_dir = Path(args.heads or cache_dir() / ("heads/smollm2-bench-quick" if q else "heads/smollm2-bench"))
@@ -55,10 +59,11 @@ def main() -> int:
         dec.heads = train_heads(dec.backbone, seqs, layers=layers, rank=32, max_tokens=1500 if q else 8000,
                                 epochs=2, eos=dec.eos_ids(), log=log)
         log(f"trained heads in {time.perf_counter() - t:.0f}s")
+        dec.heads.save(heads_dir)  # at once: training is the longest step, a later failure must not lose it
     dec.engine.heads = dec.heads
     test = [p["prompt"] for p in prompts("test", n=n_test)]
     eos = dec.eos_ids()
-    result: dict = {"quick": q, "prompts": len(test), "max_new_tokens": n_new, "threads": 2,
+    result: dict = {"quick": q, "prompts": len(test), "max_new_tokens": n_new, "threads": 2, "heads": str(heads_dir),
                     "agreement": dec.heads.training_info.get("agreement")}
 
     def hf(prompt, **kw):
@@ -80,7 +85,8 @@ def main() -> int:
     result["hf_greedy_tps"] = rate(hf_out)
     log(f"hf greedy {result['hf_greedy_tps']:.2f} tok/s")
     best = None
-    for L in ([10] if q else [6, 10, 15]):
+    hf_layers = [int(x) for x in args.hf_layers.split(",")] if args.hf_layers else ([10] if q else [6, 10, 15])
+    for L in hf_layers:
         try:
             outs = [hf(p, assistant_early_exit=L) for p in test]
             tps = rate(outs)
@@ -137,8 +143,6 @@ def main() -> int:
         g = dec.generate(batch, mode=mode, max_new_tokens=n_new)
         result[f"batch4_{mode}_tps"] = g.stats["tokens_per_second"]
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    if not heads_dir.is_dir():
-        dec.heads.save(heads_dir)
     print(json.dumps(result, indent=2, sort_keys=True) if args.json else result)
     return 0
 
