@@ -43,9 +43,10 @@ def all_rules() -> list[sw.Rule]:
     ]
 
 
-def online_halts(trace: Trace, rule: sw.Rule, lam: float) -> np.ndarray:
+def online_halts(trace: Trace, rule: sw.Rule, lam: float | None, *, lams: list[float | None] | None = None
+                 ) -> np.ndarray:
     """Feed the trace stage by stage to a shrinking batch, as an adapter would."""
-    stopper = rule.stopper(trace.n, lam)
+    stopper = rule.stopper(trace.n, lam) if lams is None else rule.stopper(trace.n, lams=lams)
     halts = np.full(trace.n, -1)
     for k in range(trace.n_stages):
         rows = stopper.active
@@ -86,6 +87,42 @@ def test_halts_move_later_as_lambda_gets_more_conservative(trace: Trace) -> None
                 continue
             assert (h >= previous).all(), repr(rule)
             previous = h
+
+
+@settings(max_examples=30, deadline=None)
+@given(trace=traces(), data=st.data())
+def test_per_row_thresholds_decide_like_one_stopper_per_row(trace: Trace, data: st.DataObject) -> None:
+    """rule.stopper(n, lams=...) stops row i where a scalar stopper with λ = lams[i] stops it,
+    while rows drop out of the batch at different stages (None: only the last stage stops)."""
+    for rule in all_rules():
+        z = rule.z(trace)
+        finite = z[np.isfinite(z)]
+        qs = data.draw(st.lists(st.floats(0.0, 1.0) | st.none(), min_size=trace.n, max_size=trace.n))
+        lams = [None if q is None else rule.lam_from_threshold(float(np.quantile(finite, q)) if finite.size else 0.0)
+                for q in qs]
+        online = online_halts(trace, rule, None, lams=lams)
+        for i, lam in enumerate(lams):
+            expected = trace.lengths[i] - 1 if lam is None else online_halts(trace, rule, lam)[i]
+            assert online[i] == expected, (repr(rule), i, lam)
+
+
+def test_per_row_thresholds_validate_their_length() -> None:
+    t = toy([[0, 0], [1, 1], [1, 0]], [[[0.9, 0.1]] * 2, [[0.4, 0.6]] * 2, [[0.7, 0.3], [0.2, 0.8]]])
+    stopper = sw.MaxProb().stopper(3, lams=[0.8, None, 0.75])
+    assert stopper.step(t.stage(0)).tolist() == [True, False, False]
+    assert stopper.active.tolist() == [1, 2]
+    assert stopper.step(t.stage(1, stopper.active)).tolist() == [False, True]  # row 1 never fires
+    np.testing.assert_array_equal(sw.Entropy().stopper(2, lams=[0.5, 0.1]).t, [-0.5, -0.1])
+    with pytest.raises(sw.StopwiseError, match="The 'lams' parameter of MaxProb.stopper must be a sequence of 3"):
+        sw.MaxProb().stopper(3, lams=[0.5, 0.6])
+    with pytest.raises(sw.StopwiseError, match="'lams' parameter"):
+        sw.MaxProb().stopper(2, lams=[0.5, float("nan")])
+    with pytest.raises(sw.StopwiseError, match="'lams' parameter"):
+        sw.MaxProb().stopper(2, lams=0.5)  # type: ignore[arg-type]
+    with pytest.raises(sw.StopwiseError, match="not both|Got both"):
+        sw.MaxProb().stopper(2, 0.5, lams=[0.5, 0.6])
+    with pytest.raises(sw.StopwiseError, match="'t' parameter of Stopper"):
+        sw.Stopper(sw.MaxProb(), 3, np.array([0.5, 0.6]))
 
 
 def toy(preds: list[list[int]], probs: list[list[list[float]]] | None = None) -> Trace:

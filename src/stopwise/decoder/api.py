@@ -106,7 +106,8 @@ class Decoder:
             on_token: called with (row, decoded text of the token) as tokens are committed.
             options: mode options: speculative ``exit_layer``, ``max_draft``, ``draft_stop``,
                 ``adaptive_layer``, ``reduced``; early exit ``rule`` (default: the certified one),
-                ``exit_layers``, ``schedule``.
+                ``exit_layers``, ``schedule``, ``lams`` (one λ of ``rule`` per prompt of a batch; None:
+                never exit; ``stats["row_layers_per_token"]`` gives each row's cost).
         Returns:
             a :class:`Generation` with texts, token ids and statistics (acceptance rate, layers per
             token, tokens/s).

@@ -14,6 +14,29 @@ A token-level exit threshold changes whole generations, so the unit of calibrati
 
 Cost per stage is the layers run per token, made cumulative (running max over stages) as traces
 require; it only orders equally certified thresholds.
+
+Recording decodes each prompt once, as a batch of K rows: the prompt replicated, row k < K-1
+early-exiting with λ_k (per-row thresholds, ``Engine.early_exit(..., lams=...)``) and the last row
+never exiting, which is the full model's greedy generation. This is exact, up to floating-point
+differences between batch sizes, with decoding the prompt separately at each λ and with the full
+model (``record(..., batched=False)`` does that, K sequential batch-1 decodes):
+
+- rows are independent: attention, the KV cache, positions and the rule's state are per row, the
+  stopper compares each row with its own threshold, and a greedy token is an argmax per row;
+- identical prompts need no padding (their prefill even runs once, its cache repeated per row),
+  and every row is fed one token per step (finished rows too), so all rows always have the same
+  length and the same (all-real) attention mask;
+- a row that has finished (EOS or budget) keeps being fed its own uncommitted predictions, which
+  only grow its own cache; ``Rows.done`` keeps them out of its output, its cost and the exit
+  statistics, and it cannot change any other row's tokens or exits;
+- a row that exits early gets its skipped layers' K/V from its exited state whether the other rows
+  still run those layers (``_overwrite_kv``) or not (all rows exited: the same ``_kv`` projections
+  fill the caches directly); both give the same values, and with the never-exiting row in the
+  batch the second case does not even occur.
+
+Only greedy decoding is batched this way (random draws would depend on the batch's composition),
+and that is what calibration uses. On a CPU a batch of K rows costs about one full-model decode
+plus the exit heads instead of K decodes.
 """
 
 from __future__ import annotations
@@ -45,9 +68,13 @@ def lcs_disagreement(a: Sequence[int], b: Sequence[int]) -> float:
 
 
 def record(decoder: Any, prompts: Sequence[Any], *, rule: str = "max_prob", grid: Sequence[float] | None = None,
-           max_new_tokens: int = 64, exit_layers: list[int] | None = None, log: Callable[[str], None] | None = None
-           ) -> dict[str, Any]:
-    """Decode every prompt with the full model and at every λ; losses, costs and outputs per (prompt, stage)."""
+           max_new_tokens: int = 64, exit_layers: list[int] | None = None, log: Callable[[str], None] | None = None,
+           batched: bool = True) -> dict[str, Any]:
+    """Decode every prompt with the full model and at every λ; losses, costs and outputs per (prompt, stage).
+
+    ``batched`` (default): one decode per prompt, a batch of one row per λ plus a never-exiting
+    row for the full model (see the module docstring); False: one batch-1 decode per (prompt,
+    stage), full model first."""
     from stopwise.rules import make_rule
 
     grid = list(DEFAULT_GRIDS.get(rule, []) if grid is None else grid)
@@ -60,14 +87,23 @@ def record(decoder: Any, prompts: Sequence[Any], *, rule: str = "max_prob", grid
     cost = np.full((len(prompts), k), float(n_layers))
     outputs: list[list[list[int]]] = []
     for i, prompt in enumerate(prompts):
-        full = decoder.generate(prompt, mode="full", max_new_tokens=max_new_tokens).token_ids[0]
-        row = []
-        for j, lam in enumerate(grid):
-            out = decoder.generate(prompt, mode="early_exit", max_new_tokens=max_new_tokens,
-                                   rule=base.with_lam(lam), exit_layers=exit_layers)
-            row.append(out.token_ids[0])
-            loss[i, j] = lcs_disagreement(out.token_ids[0], full)
-            cost[i, j] = out.stats["layers_per_token"]
+        if batched:
+            # generate() encodes each copy exactly as it encodes a single prompt.
+            out = decoder.generate([prompt] * k, mode="early_exit", max_new_tokens=max_new_tokens,
+                                   rule=base, lams=[*grid, None], exit_layers=exit_layers)
+            *row, full = out.token_ids
+            for j in range(len(grid)):
+                loss[i, j] = lcs_disagreement(row[j], full)
+                cost[i, j] = out.stats["row_layers_per_token"][j]
+        else:
+            full = decoder.generate(prompt, mode="full", max_new_tokens=max_new_tokens).token_ids[0]
+            row = []
+            for j, lam in enumerate(grid):
+                out = decoder.generate(prompt, mode="early_exit", max_new_tokens=max_new_tokens,
+                                       rule=base.with_lam(lam), exit_layers=exit_layers)
+                row.append(out.token_ids[0])
+                loss[i, j] = lcs_disagreement(out.token_ids[0], full)
+                cost[i, j] = out.stats["layers_per_token"]
         outputs.append([*row, full])
         if log is not None:
             log(f"prompt {i + 1}/{len(prompts)}: disagreement {np.round(loss[i, :-1], 2).tolist()}")
@@ -92,15 +128,16 @@ def to_trace(recorded: dict[str, Any], *, meta: dict[str, Any] | None = None) ->
 def calibrate_early_exit(decoder: Any, prompts: Sequence[Any], *, epsilon: float = 0.2, delta: float = 0.1,
                          rule: str = "max_prob", grid: Sequence[float] | None = None, max_new_tokens: int = 64,
                          exit_layers: list[int] | None = None, log: Callable[[str], None] | None = None,
-                         recorded: dict[str, Any] | None = None) -> Any:
-    """Certify an early-exit threshold on calibration prompts and attach it to ``decoder.heads``."""
+                         recorded: dict[str, Any] | None = None, batched: bool = True) -> Any:
+    """Certify an early-exit threshold on calibration prompts and attach it to ``decoder.heads``
+    (``batched``: see :func:`record`)."""
     import stopwise
     from stopwise.rules import Signal, make_rule
 
     if decoder.heads is None:
         raise StopwiseError("calibrate_early_exit needs a decoder with exit heads.")
     recorded = recorded or record(decoder, prompts, rule=rule, grid=grid, max_new_tokens=max_new_tokens,
-                                  exit_layers=exit_layers, log=log)
+                                  exit_layers=exit_layers, log=log, batched=batched)
     ident = decoder.heads.identity
     trace = to_trace(recorded, meta={"base_model": ident["base_model"], "model": ident["base_fingerprint"]})
     k = trace.n_stages

@@ -12,13 +12,15 @@ yet fed to the model; a step feeds them, picks the next tokens, and streams what
 - ``early_exit`` (CALM, Schuster et al. 2022): each token leaves at the first candidate layer
   where a stopwise rule fires; skipped layers get K/V from the exited state (state propagation).
   ``schedule`` gives SkipDecode's batch-friendly alternative: one non-increasing exit layer per
-  position, shared by the whole batch, so no cache entry is ever missing.
+  position, shared by the whole batch, so no cache entry is ever missing. ``lams`` gives every row
+  its own λ (one prompt decoded at several thresholds in one batch, as calibration does).
 """
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,6 +48,9 @@ class Stats:
     exit_layers: list[int] = field(default_factory=list)
     exit_layer_trace: list[int] = field(default_factory=list)
     extra_outputs: list[list[int]] = field(default_factory=list)  # generated token ids per row
+    # Early exit: decoder layers each row ran per token it generated (its prompt's prefill counted
+    # as the first token's N layers; steps after a row finished are not counted).
+    row_layers_per_token: list[float] = field(default_factory=list)
 
     @property
     def acceptance_rate(self) -> float | None:
@@ -65,6 +70,7 @@ class Stats:
             "mean_draft_length": self.drafted / self.steps if self.steps and self.drafted else None,
             "layers_per_token": self.layers / total,
             "exit_layer_histogram": _histogram(self.exit_layers), "exit_layer_trace": self.exit_layer_trace,
+            **({"row_layers_per_token": self.row_layers_per_token} if self.row_layers_per_token else {}),
         }
 
 
@@ -406,7 +412,7 @@ class Engine:
     def early_exit(self, prompts: list[list[int]], *, max_new_tokens: int, rule: Any = None,
                    exit_layers: list[int] | None = None, schedule: list[int] | None = None, temperature: float = 0.0,
                    generator: torch.Generator | None = None, eos: set[int] | None = None,
-                   on_token: OnToken | None = None) -> Stats:
+                   on_token: OnToken | None = None, lams: Sequence[float | None] | None = None) -> Stats:
         """CALM early-exit decoding with ``rule`` (a stopwise rule with λ set) over ``exit_layers``,
         or SkipDecode with ``schedule`` (exit layer per generated position, non-increasing).
 
@@ -414,6 +420,12 @@ class Engine:
         signals ``max_prob`` (draft-vocabulary softmax of that layer's head) and ``saturation``
         (cosine of the hidden state with the previous candidate's). The emitted token comes from
         the exit layer's head over the full vocabulary.
+
+        ``lams`` (with ``rule``): one λ per prompt row, overriding the rule's own; None or +inf
+        means that row never exits early (the full model; +inf whatever the rule's direction).
+        Rows are independent, so row r decodes as ``rule.with_lam(lams[r])`` would alone (up to
+        floating-point differences between batch sizes). ``Stats.row_layers_per_token`` gives each
+        row's cost.
         """
         from stopwise.trace import StageBatch
 
@@ -425,14 +437,16 @@ class Engine:
         exits = sorted(exit_layers or heads.layers)
         if schedule is not None:
             schedule = self._check_schedule(schedule, max_new_tokens)
+        row_lams = None if lams is None else self._check_lams(lams, len(prompts), rule)
         self._check_room(prompts, max_new_tokens)
         t0 = time.perf_counter()
         n = len(prompts)
         rows = Rows([[] for _ in prompts], [[] for _ in prompts], [False] * n, max_new_tokens, eos or set(), on_token)
         stats = Stats(mode="early_exit", new_tokens=[])
-        state, h = self.prefill(prompts)
+        state, h = self._prefill_once(prompts)
         nxt = self._pick(bb.logits(h)[:, -1], temperature, generator)
         stats.layers += bb.n_layers * n
+        row_layers = [float(bb.n_layers)] * n  # per row: the prefill made its first token
         while True:
             for r in range(n):
                 rows.commit(r, [int(nxt[r])])
@@ -442,11 +456,45 @@ class Engine:
             if schedule is not None:
                 exit_at = torch.full((n,), schedule[stats.steps], dtype=torch.long)
                 nxt, used = self._skip_token(state, nxt, int(exit_at[0]), temperature, generator)
+                row_used = [float(exit_at[0])] * n
             else:
-                nxt, exit_at, used = self._calm_token(state, nxt, rule, exits, temperature, generator, StageBatch)
+                nxt, exit_at, used, row_used = self._calm_token(state, nxt, rule, exits, temperature, generator,
+                                                                StageBatch, row_lams)
             stats.layers += used
+            # Rows not done now will commit the token this step made: it costs them row_used.
+            for r in range(n):
+                if not rows.done[r]:
+                    row_layers[r] += row_used[r]
             stats.exit_layers.extend(int(x) for x, d in zip(exit_at.tolist(), rows.done, strict=False) if not d)
-        return self._finish(stats, rows, t0)
+        stats = self._finish(stats, rows, t0)
+        stats.row_layers_per_token = [c / max(1, k) for c, k in zip(row_layers, stats.new_tokens, strict=True)]
+        return stats
+
+    def _prefill_once(self, prompts: list[list[int]]) -> tuple[State, torch.Tensor]:
+        """:meth:`prefill`, except that a batch of one prompt repeated (one prompt decoded at several
+        λ) runs the prompt once and repeats its cache: the same values as a batch-1 prefill per
+        row, at 1/n of the cost. Layer counts in the stats still charge every row its prefill."""
+        n = len(prompts)
+        if n == 1 or any(p != prompts[0] for p in prompts[1:]):
+            return self.prefill(prompts)
+        state, h = self.prefill(prompts[:1])
+        state.cache.batch_repeat_interleave(n)
+        state.attn = state.attn.repeat_interleave(n, dim=0)
+        return state, h.repeat_interleave(n, dim=0)
+
+    def _check_lams(self, lams: Sequence[float | None], n: int, rule: Any) -> list[float | None]:
+        """Per-row λ for ``early_exit``: None for rows that never exit."""
+        if rule is None:
+            raise StopwiseError("The 'lams' parameter of early_exit needs 'rule' (per-row λ of a CALM rule), not 'schedule'.")
+        allowed = f"a sequence of {n} λ values, one per prompt (None or inf: never exit)"
+        if isinstance(lams, (str, bytes)) or not isinstance(lams, Sequence) or len(lams) != n:
+            raise StopwiseError(f"The 'lams' parameter of early_exit must be {allowed}. Got {lams!r} instead.")
+        out: list[float | None] = []
+        for lam in lams:
+            if lam is not None and (isinstance(lam, bool) or not isinstance(lam, (int, float)) or math.isnan(lam)):
+                raise StopwiseError(f"The 'lams' parameter of early_exit must be {allowed}. Got {lams!r} instead.")
+            out.append(None if lam is None or lam == math.inf else float(lam))
+        return out
 
     def _check_schedule(self, schedule: list[int], max_new: int) -> list[int]:
         sched = [int(x) for x in schedule]
@@ -471,17 +519,20 @@ class Engine:
         return self._emit(h[:, -1], layer, temperature, generator), float(layer * tok.shape[0])
 
     def _calm_token(self, state: State, tok: torch.Tensor, rule: Any, exits: list[int], temperature: float,
-                    generator: torch.Generator | None, StageBatch: Any) -> tuple[torch.Tensor, torch.Tensor, float]:
+                    generator: torch.Generator | None, StageBatch: Any, lams: list[float | None] | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, float, list[float]]:
+        """One token per row; returns the tokens, exit layers, layers run (all rows) and per row."""
         bb, heads = self.bb, self.heads
         assert heads is not None
         n = tok.shape[0]
         pos = append_tokens(state, torch.ones_like(tok[:, None]))
         h = bb.embed(tok[:, None], pos)
         emb = bb.rope(h, pos)
-        stopper = rule.stopper(n)
+        stopper = rule.stopper(n) if lams is None else rule.stopper(n, lams=lams)
         exit_at = torch.full((n,), bb.n_layers, dtype=torch.long)
         exit_h = torch.zeros_like(h)
         active = torch.ones(n, dtype=torch.bool)
+        row_used = torch.zeros(n, dtype=torch.float64)
         prev = h
         start, used = 0, 0.0
         for stage, stop in enumerate([*exits, bb.n_layers]):
@@ -491,6 +542,7 @@ class Engine:
                 if not bool(active.all()):
                     self._overwrite_kv(state, i, exit_h, ~active, emb)
                 used += float(active.sum())
+                row_used += active
             start = stop
             if stop == bb.n_layers:
                 exit_h[active] = h[active]
@@ -518,7 +570,7 @@ class Engine:
         for layer in exit_at.unique().tolist():
             rows_ = (exit_at == layer).nonzero().squeeze(1)
             nxt[rows_] = self._emit(exit_h[rows_, -1], int(layer), temperature, generator)
-        return nxt, exit_at, used
+        return nxt, exit_at, used, row_used.tolist()
 
     def _overwrite_kv(self, state: State, i: int, exit_h: torch.Tensor, rows: torch.Tensor, emb: Any) -> None:
         """Replace the just-cached K/V of ``rows`` at layer i by those of their exited states."""

@@ -9,16 +9,19 @@ halt stage can only move later as ``t`` grows.
 
 The same :meth:`Rule.update` code serves the offline path (one call per stage over all n inputs)
 and the online path (one call per stage over the rows still running), so both decide alike.
+An online :class:`Stopper` may give every row its own threshold (``rule.stopper(n, lams=...)``):
+rows are independent, so row i then stops exactly where a stopper with λ = ``lams[i]`` alone would.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import numpy as np
 
-from stopwise._errors import StopwiseError
+from stopwise._errors import StopwiseError, param_error
 from stopwise.trace import BoolArray, FloatArray, IntArray, StageBatch, Trace
 
 State = Any
@@ -126,9 +129,37 @@ class Rule(ABC):
             out[sel] = halts_from_z(self.z(trace, sel), lengths[sel], t)
         return out
 
-    def stopper(self, n: int, lam: float | None = None) -> Stopper:
-        """Online: a stopper for a batch of n rows fed one stage at a time."""
-        return Stopper(self, n, self.threshold(lam))
+    def stopper(self, n: int, lam: float | None = None, *, lams: Sequence[float | None] | FloatArray | None = None
+                ) -> Stopper:
+        """Online: a stopper for a batch of n rows fed one stage at a time.
+
+        ``lams`` gives every row its own λ instead of one ``lam`` for all (row i decides as this
+        rule with λ = ``lams[i]`` would); a None entry never fires, so that row runs to its last
+        stage."""
+        if lams is None:
+            return Stopper(self, n, self.threshold(lam))
+        return Stopper(self, n, self.row_thresholds(n, lams, lam=lam))
+
+    def row_thresholds(self, n: int, lams: Sequence[float | None] | FloatArray, *, lam: float | None = None
+                       ) -> FloatArray:
+        """Internal thresholds t for n rows with one λ each (None: +inf, never fires)."""
+        owner = f"{type(self).__name__}.stopper"
+        if lam is not None:
+            raise StopwiseError(f"{owner} takes one of 'lam' (all rows) or 'lams' (one per row). Got both: lam={lam!r}.")
+        allowed = f"a sequence of {n} λ values, one per row (None: never stop)"
+        if isinstance(lams, (str, bytes)) or not isinstance(lams, (Sequence, np.ndarray)) \
+                or (isinstance(lams, np.ndarray) and lams.ndim != 1) or len(lams) != n:
+            raise param_error("lams", owner, allowed, lams)
+        out = np.empty(n, dtype=np.float64)
+        for i, value in enumerate(lams):
+            if value is None:
+                out[i] = np.inf
+                continue
+            if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)) \
+                    or np.isnan(value):
+                raise param_error("lams", owner, allowed, lams)
+            out[i] = self.threshold(float(value))
+        return out
 
     def to_config(self) -> dict[str, Any]:
         return {"name": self.name, "lam": self.lam, "params": _jsonable(self.params())}
@@ -154,11 +185,25 @@ class Stopper:
     Call :meth:`step` once per stage with that stage's outputs for the rows still running, in the
     order they were given. It returns which of them stop now and forgets those rows, so the next
     call takes only the survivors (exactly how a batched model drops exited rows).
+
+    ``t`` is the internal threshold (``rule.threshold(lam)``), one float for all rows or a 1-D
+    array of n, one per original row (+inf: never fires); each step compares the rows still
+    running against their own ``t[rows]``.
     """
 
-    def __init__(self, rule: Rule, n: int, t: float) -> None:
+    def __init__(self, rule: Rule, n: int, t: float | FloatArray) -> None:
         self.rule = rule
-        self.t = t
+        self.t: float | FloatArray
+        if np.ndim(t) == 0:
+            self.t = float(t)
+        else:
+            arr = np.array(t, dtype=np.float64)
+            if arr.shape != (n,) or np.isnan(arr).any():
+                raise StopwiseError(
+                    f"The 't' parameter of Stopper must be a float or a 1-D array of {n} thresholds (one per row, "
+                    f"no NaN). Got an array of shape {arr.shape} instead."
+                )
+            self.t = arr
         self.state = rule.init_state(n)
         self.rows = np.arange(n)
         self.stage = 0
@@ -180,7 +225,9 @@ class Stopper:
         with np.errstate(divide="ignore", invalid="ignore"):
             self.state, stat = self.rule.update(self.state, batch)
             z = self.rule.direction * np.asarray(stat, dtype=np.float64)
-        stop = (np.nan_to_num(z, nan=-np.inf) >= self.t) | np.asarray(last, dtype=bool)
+        # nan_to_num also maps z = +inf to the largest float, so a threshold of +inf never fires.
+        t = self.t if isinstance(self.t, float) else self.t[self.rows]
+        stop = (np.nan_to_num(z, nan=-np.inf) >= t) | np.asarray(last, dtype=bool)
         keep = ~stop
         self.state = self.rule.select_state(self.state, keep)
         self.rows = self.rows[keep]
