@@ -38,11 +38,11 @@ class Prepared:
 
 def prepare(data: TextSet, *, base: Any = "minilm", max_length: int | None = MAX_LENGTH, seed: int = SEED,
             fractions: tuple[float, ...] = FRACTIONS, batch_size: int = 32, progress: bool = True,
-            parts: tuple[str, ...] = ("train", "cal", "test"), **fit_kwargs: Any) -> Prepared:
+            parts: tuple[str, ...] = ("train", "cal", "test"), pooling: str | None = None, **fit_kwargs: Any) -> Prepared:
     """Split by document, cache every layer's pooled state in one pass, train heads on 'train'."""
     import warnings
 
-    clf = EarlyExitClassifier.from_base(base, class_names=data.class_names, max_length=max_length)
+    clf = EarlyExitClassifier.from_base(base, class_names=data.class_names, max_length=max_length, pooling=pooling)
     splits = dict(zip(("train", "cal", "test"), group_split(data, fractions, seed=seed), strict=True))
     feats, n_tok = {}, {}
     with warnings.catch_warnings():
