@@ -6,6 +6,8 @@ Pieces (torch is imported only by :mod:`stopwise.sampling.local` and the server'
   :class:`HTTPBackend` (OpenAI-compatible endpoints), :class:`CallableBackend`;
 - answer extraction (:mod:`stopwise.sampling.extract`), votes (:mod:`stopwise.sampling.vote`);
 - stopping rules for samples (:mod:`stopwise.sampling.rules`), the :class:`AdaptiveSampler`;
+- DSC's allocation of a total sample budget across questions by difficulty
+  (:class:`DifficultyAllocator`, :mod:`stopwise.sampling.allocate`);
 - recording N samples per question into a resumable checkpoint and a Trace
   (:mod:`stopwise.sampling.record`), and :func:`certify` for a calibrated stop;
 - DEER reasoning early exit (:mod:`stopwise.sampling.deer`); ``stopwise serve``.
@@ -13,6 +15,7 @@ Pieces (torch is imported only by :mod:`stopwise.sampling.local` and the server'
 
 from __future__ import annotations
 
+from stopwise.sampling.allocate import Allocation, DifficultyAllocator
 from stopwise.sampling.backends import CallableBackend, EndpointError, HTTPBackend
 from stopwise.sampling.certify import certify, split_certify
 from stopwise.sampling.data import Question, load_questions, math_questions
@@ -37,9 +40,9 @@ from stopwise.sampling.sampler import AdaptiveSampler, QuestionResult, summarise
 from stopwise.sampling.types import Completion, token_score
 
 __all__ = [
-    "AdaptiveSampler", "CallableBackend", "ChoiceExtractor", "Completion", "ConfidenceStop", "DifficultyAdaptive",
-    "DirichletPosterior", "EndpointError", "FirstFinish", "HTTPBackend", "MarkerExtractor", "NumberExtractor",
-    "OnSamples", "Question", "QuestionResult", "StringExtractor", "VoteSettled", "certify", "convert",
+    "AdaptiveSampler", "Allocation", "CallableBackend", "ChoiceExtractor", "Completion", "ConfidenceStop",
+    "DifficultyAdaptive", "DifficultyAllocator", "DirichletPosterior", "EndpointError", "FirstFinish", "HTTPBackend",
+    "MarkerExtractor", "NumberExtractor", "OnSamples", "Question", "QuestionResult", "StringExtractor", "VoteSettled", "certify", "convert",
     "load_questions", "make_extractor", "math_questions", "read_checkpoint", "record", "sampling_rule",
     "split_certify", "summarise", "token_score", "trace_from_records",
 ]

@@ -74,17 +74,45 @@ def cmd_run(args: argparse.Namespace) -> int:
     from stopwise.certificate import Certificate
     from stopwise.sampling.sampler import AdaptiveSampler, summarise
 
-    rule: Any = Certificate.load(args.certificate) if args.certificate else args.rule
+    if args.total_samples is not None:
+        return _run_budget(args)
+    rule: Any = Certificate.load(args.certificate) if args.certificate else (args.rule or "settled")
     sampler = AdaptiveSampler(_backend(args), rule, lam=args.lam, max_samples=args.max_samples, step=args.step,
                               extract=args.extract, temperature=args.temperature, max_tokens=args.max_tokens,
                               vote=args.vote, seed=args.seed)
     questions = _questions(args)
     results = sampler.arun_sync(questions) if args.endpoint else sampler.run(questions)
+    _print_results(questions, results)
+    print(json.dumps({"summary": summarise(results, max_samples=args.max_samples)}), file=sys.stderr)
+    return 0
+
+
+def _run_budget(args: argparse.Namespace) -> int:
+    """`run --total-samples`: DSC's allocation of one budget across all the questions."""
+    from stopwise.sampling.allocate import DifficultyAllocator, check_budget
+
+    # The allocation has its own stop (the Beta criterion at --lam): refuse a rule it would ignore.
+    if args.certificate or args.rule not in (None, "dsc"):
+        got = f"--certificate {args.certificate}" if args.certificate else f"--rule {args.rule}"
+        raise StopwiseError(f"The '--total-samples' option runs DSC's budget allocation, which stops by the "
+                            f"Beta criterion at --lam; it allows only --rule dsc. Got {got} instead.")
+    questions = _questions(args)
+    check_budget(args.total_samples, pre=args.pre, n_questions=len(questions))  # before loading a model
+    allocator = DifficultyAllocator(_backend(args), total_samples=args.total_samples, pre=args.pre,
+                                    max_samples=args.max_samples, window=args.window,
+                                    lam=0.95 if args.lam is None else args.lam, extract=args.extract,
+                                    temperature=args.temperature, max_tokens=args.max_tokens, vote=args.vote,
+                                    seed=args.seed)
+    allocation = allocator.run(questions)
+    _print_results(questions, allocation.results)
+    print(json.dumps({"summary": allocation.summary()}), file=sys.stderr)
+    return 0
+
+
+def _print_results(questions: list[Any], results: list[Any]) -> None:
     for q, r in zip(questions, results, strict=True):
         print(json.dumps({"id": r.id, "answer": r.answer, "label": getattr(q, "label", None), "samples": r.n_samples,
                           "tokens": r.n_tokens, "stopped_early": r.stopped_early}))
-    print(json.dumps({"summary": summarise(results, max_samples=args.max_samples)}), file=sys.stderr)
-    return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -122,12 +150,19 @@ def register_cli(subparsers: Any) -> None:
 
     p = sub.add_parser("run", help="answer questions with early-stopped sampling")
     _backend_options(p)
-    p.add_argument("--rule", default="settled", help="esc | asc | dirichlet | dsc | first_finish | confidence | settled")
+    p.add_argument("--rule", default=None,
+                   help="esc | asc | dirichlet | dsc | first_finish | confidence | settled (default settled)")
     p.add_argument("--certificate", help="use the certified rule of this certificate")
     p.add_argument("--lam", type=float, default=None)
     p.add_argument("--max-samples", type=int, default=16)
     p.add_argument("--step", type=int, default=1)
     p.add_argument("--vote", default="majority", help="majority | weighted")
+    p.add_argument("--total-samples", type=int, default=None,
+                   help="share this many samples across all questions by difficulty (DSC; stops at --lam, "
+                        "default 0.95; --step does not apply)")
+    p.add_argument("--pre", type=int, default=3, help="with --total-samples: pre-samples per question (default 3)")
+    p.add_argument("--window", type=int, default=4,
+                   help="with --total-samples: samples per round for the hardest question (default 4)")
     p.set_defaults(func=cmd_run)
 
     p = subparsers.add_parser("serve", help="serve a local model over an OpenAI-compatible API (loopback only)")

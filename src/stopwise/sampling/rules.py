@@ -288,8 +288,7 @@ class DifficultyAdaptive(_History):
             return (hist, budget), np.full(n, -np.inf)
         counts = _counts(hist)
         a = counts[:, 0]
-        b = counts[:, 1] if counts.shape[1] > 1 else np.zeros(n)
-        beta = np.where(a > 0, 1.0 - _betainc(a + 1.0, b + 1.0), -np.inf)
+        beta = beta_leader_probability(counts)
         if k == self.pre:
             unanimous = (hist[:, 0] != NO_ANSWER) & (hist == hist[:, :1]).all(axis=1)
             d = 1.0 - a / self.pre
@@ -304,6 +303,18 @@ def _betainc(a: FloatArray, b: FloatArray) -> FloatArray:
     from scipy.special import betainc
 
     return np.asarray(betainc(a, b, 0.5))
+
+
+def beta_leader_probability(counts: FloatArray) -> FloatArray:
+    """Adaptive-Consistency's Beta criterion from (rows, m) answer counts sorted descending.
+
+    With a, b the counts of the two most common answers and a uniform prior, P(the leader is truly
+    more likely than the runner-up) = 1 - I_{1/2}(a + 1, b + 1); -inf for a row with no answer.
+    """
+    counts = np.asarray(counts, dtype=np.float64)
+    a = counts[:, 0]
+    b = counts[:, 1] if counts.shape[1] > 1 else np.zeros_like(a)
+    return np.where(a > 0, 1.0 - _betainc(a + 1.0, b + 1.0), -np.inf)
 
 
 class FirstFinish(_History):

@@ -74,6 +74,33 @@ class _Tally:
         vote = None if winner < 0 else names[winner]
         return int(hash_answers([vote])[0]), vote, int(codes[-1])
 
+    def result(self, qid: str, used: int, generated: int, early: bool, cancelled: int = 0) -> QuestionResult:
+        """The (weighted) vote over the first ``used`` samples; tokens count every sample drawn."""
+        answers = self.answers[:used]
+        codes, names = dense_codes(answers)
+        w = np.asarray(self.conf[:used])[None, :] if self.weighted else None
+        winner = int(running_votes(codes[None, :], w)[0, -1]) if used else -1
+        return QuestionResult(id=qid, answer=None if winner < 0 else names[winner], n_samples=used,
+                              n_generated=generated, n_tokens=int(sum(self.tokens)), stopped_early=early,
+                              answers=answers, confidences=self.conf[:used], cancelled=cancelled)
+
+
+def check_questions(questions: Sequence[Question | str], owner: str) -> list[Question]:
+    """Questions as :class:`Question` (plain strings get their position as id); none is an error."""
+    if not questions:
+        raise StopwiseError(f"The 'questions' parameter of {owner} must hold at least one question. Got an empty list instead.")
+    return [q if isinstance(q, Question) else Question(id=str(i), prompt=str(q)) for i, q in enumerate(questions)]
+
+
+def draw(backend: Any, prompts: Sequence[str], *, n: int, seeds: Sequence[int], temperature: float,
+         max_tokens: int) -> list[list[Completion]]:
+    """``n`` completions for each prompt from one batched ``backend.generate`` call, checked."""
+    outs: list[list[Completion]] = backend.generate(list(prompts), n=n, temperature=temperature,
+                                                    max_tokens=max_tokens, seeds=list(seeds))
+    if len(outs) != len(prompts) or any(len(c) != n for c in outs):
+        raise StopwiseError(f"The backend must return {n} completions for each of the {len(prompts)} prompts.")
+    return outs
+
 
 def _batch(index: int, tallies: Sequence[_Tally]) -> StageBatch:
     rows = [t.current(index) for t in tallies]
@@ -133,18 +160,10 @@ class AdaptiveSampler:
 
     @staticmethod
     def _check_questions(questions: Sequence[Question | str]) -> list[Question]:
-        if not questions:
-            raise StopwiseError("The 'questions' parameter of AdaptiveSampler.run must hold at least one question. Got an empty list instead.")
-        return [q if isinstance(q, Question) else Question(id=str(i), prompt=str(q)) for i, q in enumerate(questions)]
+        return check_questions(questions, "AdaptiveSampler.run")
 
     def _result(self, q: Question, tally: _Tally, used: int, generated: int, early: bool, cancelled: int = 0) -> QuestionResult:
-        answers = tally.answers[:used]
-        codes, names = dense_codes(answers)
-        w = np.asarray(tally.conf[:used])[None, :] if self.weighted else None
-        winner = int(running_votes(codes[None, :], w)[0, -1]) if used else -1
-        return QuestionResult(id=q.id, answer=None if winner < 0 else names[winner], n_samples=used,
-                              n_generated=generated, n_tokens=int(sum(tally.tokens)), stopped_early=early,
-                              answers=answers, confidences=tally.conf[:used], cancelled=cancelled)
+        return tally.result(q.id, used, generated, early, cancelled)
 
     # -- synchronous: one batched backend call per step ---------------------------------------------
     def run(self, questions: Sequence[Question | str]) -> list[QuestionResult]:
@@ -157,11 +176,9 @@ class AdaptiveSampler:
         while len(stopper.active) and stage < self.max_samples:
             active = stopper.active.copy()
             m = min(self.step, self.max_samples - stage)
-            outs = self.backend.generate([qs[i].prompt for i in active], n=m, temperature=self.temperature,
-                                         max_tokens=self.max_tokens,
-                                         seeds=[prompt_seed(self.seed, f"{qs[i].id}:{round_}") for i in active])
-            if len(outs) != len(active) or any(len(c) != m for c in outs):
-                raise StopwiseError(f"The backend must return {m} completions for each of the {len(active)} prompts.")
+            outs = draw(self.backend, [qs[i].prompt for i in active], n=m, temperature=self.temperature,
+                        max_tokens=self.max_tokens,
+                        seeds=[prompt_seed(self.seed, f"{qs[i].id}:{round_}") for i in active])
             for i, comps in zip(active, outs, strict=True):
                 for c in comps:
                     tallies[i].add(safe_extract(self.extractor, c.text), c)
