@@ -6,6 +6,9 @@ compares, on held-out problems, fixed-N majority vote, ESC, Adaptive-Consistency
 Dirichlet), DSC, first-finish, confidence stop and stopwise's certified stop (vote_settled with λ
 certified by Learn-then-Test on a random calibration split). Rules are evaluated offline on the
 trace, which decides exactly as the online sampler (tested in tests/test_sampling.py).
+DSC's batch allocation of one total budget across the held-out problems (DifficultyAllocator) is
+run on a ReplayBackend that serves each problem's recorded samples in recorded order, at a few
+total budgets, beside the per-question vote_settled rule at the same spend ("dsc_allocator").
 DEER is measured on the smaller full-thinking recording benchmarks/data/sampling_deer.jsonl.
 
     PYTHONPATH=src python benchmarks/sampling.py --json
@@ -24,8 +27,12 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 
-from stopwise import CalibrationError, Signal, Trace, calibrate  # noqa: E402
+from stopwise import CalibrationError, Signal, Trace, calibrate, hash_answers  # noqa: E402
+from stopwise.rules.base import halts_from_z  # noqa: E402
+from stopwise.sampling.allocate import DifficultyAllocator  # noqa: E402
+from stopwise.sampling.backends import ReplayBackend  # noqa: E402
 from stopwise.sampling.certify import certify  # noqa: E402
+from stopwise.sampling.data import Question  # noqa: E402
 from stopwise.sampling.deer import deer_trace, result_from_json  # noqa: E402
 from stopwise.sampling.extract import NumberExtractor  # noqa: E402
 from stopwise.sampling.record import read_checkpoint, trace_from_records  # noqa: E402
@@ -36,6 +43,8 @@ DEER_CHECKPOINT = HERE / "data" / "sampling_deer.jsonl"
 CERTIFICATE = HERE / "data" / "sampling_certificate.json"
 N = 16
 BASELINES = ("esc", "asc", "dirichlet", "dsc", "first_finish", "confidence")
+#: Total budgets of the DSC allocator besides the certified rule's spend, as fractions of fixed N.
+ALLOCATOR_FRACTIONS = (0.25, 0.5, 0.75, 1.0)
 
 
 def measure(trace: Trace, halts: np.ndarray) -> dict[str, float]:
@@ -138,6 +147,104 @@ def sampling_report(trace: Trace, *, epsilon: float, delta: float, acc_epsilon: 
     }
 
 
+def split_rows(n: int, first: float, *, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The rows of Trace.split(first, seed=seed): (calibration rows, test rows)."""
+    count = int(round(first * n))
+    perm = np.random.default_rng(seed).permutation(n)
+    return np.sort(perm[:count]), np.sort(perm[count:])
+
+
+def rule_at_budget(test: Trace, z: np.ndarray, budget: int) -> tuple[float, np.ndarray, int | None]:
+    """The largest λ of a rule (statistic ``z`` on ``test``) whose test spend fits ``budget``
+    samples, its halts, and the next larger spend any λ gives (None: none). λ runs over the
+    statistic's values up to 1; spend grows with λ."""
+    lams = np.unique(z[np.isfinite(z) & (z <= 1.0)])
+    best: tuple[float, np.ndarray] | None = None
+    over = None
+    for lam in lams:  # ascending: keep the last that fits
+        halts = halts_from_z(z, test.lengths, float(lam))
+        if int((halts + 1).sum()) > budget:
+            over = int((halts + 1).sum())
+            break
+        best = (float(lam), halts)
+    if best is None:
+        raise ValueError(f"No λ of the rule spends at most {budget} samples on {test.n} problems.")
+    return best[0], best[1], over
+
+
+def allocator_report(trace: Trace, rows: list[dict[str, Any]], *, seed: int, cert_lam: float | None,
+                     pre: int = 3, window: int = 4, lam: float = 0.95) -> dict[str, Any]:
+    """DSC's batch allocation (DifficultyAllocator) over the test half of ``sampling_report``'s
+    split, replaying each problem's recorded samples in order, at a few total budgets; beside it
+    the per-question vote_settled rule (the certified family) at the same spend."""
+    _, test_rows = split_rows(trace.n, 0.5, seed=seed)
+    _, test = trace.split(0.5, seed=seed)
+    assert np.array_equal(trace[test_rows].predictions, test.predictions), "split_rows must mirror Trace.split"
+    records = [rows[i] for i in test_rows]
+    questions = [Question(id=str(r["id"]), prompt=r["prompt"], label=r.get("label")) for r in records]
+    full = N * test.n
+    full_acc = float((test.reference == test.labels).mean())
+    rule = sampling_rule("settled", max_samples=N)
+    z = rule.z(test)
+    budgets: dict[str, int] = {}
+    if cert_lam is not None:
+        budgets["certified_spend"] = int((rule.halts(test, lam=cert_lam) + 1).sum())
+    for f in ALLOCATOR_FRACTIONS:
+        budgets[f"fixed_n_{round(100 * f)}pct"] = int(round(f * full))
+    out: dict[str, Any] = {
+        "what": ("DifficultyAllocator (DSC batch allocation: pre-samples, unanimous settled, hardest first in "
+                 "difficulty-sized windows, Beta stop) over the test problems, replaying recorded samples in order"),
+        "n_test": test.n,
+        "settings": {"pre": pre, "window": window, "lam": lam, "max_samples": N, "vote": "majority"},
+        "per_question_rule": ("vote_settled (the certified family): the certified λ at certified_spend; elsewhere the "
+                              "largest λ whose spend on these test problems fits the budget (chosen on the test "
+                              "problems themselves, so not certified)"),
+        "budgets": {},
+    }
+    for name, total in budgets.items():
+        backend = ReplayBackend.from_records(records)
+        alloc = DifficultyAllocator(backend, total_samples=total, pre=pre, max_samples=N, window=window,
+                                    lam=lam, extract="number").run(questions)
+        used = np.asarray([r.n_samples for r in alloc.results])
+        pred = hash_answers([r.answer for r in alloc.results])
+        # The replay serves each problem's samples in recorded order, so every answer is the trace's
+        # running vote after the same number of samples.
+        assert np.array_equal(pred, test.predictions_at(used - 1)), "replay disagrees with the recorded trace"
+        assert alloc.spent == int(used.sum()) == sum(backend.served.values()) <= total
+        acc = float((pred == test.labels).mean())
+        entry: dict[str, Any] = {
+            "total_samples": total,
+            "budget_fraction_of_fixed_n": total / full,
+            "spent": alloc.spent,
+            "budget_used_fraction": alloc.spent / total,
+            "samples_fraction": alloc.spent / full,
+            "samples_saved_fraction": 1.0 - alloc.spent / full,
+            "tokens_fraction": float(sum(r.n_tokens for r in alloc.results) / test.full_cost.sum()),
+            "accuracy": acc,
+            "accuracy_drop_points": 100.0 * (full_acc - acc),
+            "agreement_with_full_vote": float((pred == test.reference).mean()),
+            "rounds": alloc.rounds,
+            "max_samples_one_problem": int(used.max()),
+            "reasons": alloc.summary()["reasons"],
+        }
+        over = None
+        if name == "certified_spend":
+            assert cert_lam is not None
+            rule_lam, halts = cert_lam, rule.halts(test, lam=cert_lam)
+        else:
+            rule_lam, halts, over = rule_at_budget(test, z, total)
+        per_q = measure(test, halts)
+        entry["per_question_rule"] = {"lam": rule_lam, "certified": name == "certified_spend",
+                                      "spent": int((halts + 1).sum()), **per_q}
+        if int((halts + 1).sum()) < 0.9 * total:
+            entry["per_question_rule"]["note"] = (f"no λ spends between {int((halts + 1).sum())} and {over} samples: "
+                                                  "the rule cannot use this budget")
+        entry["allocator_minus_rule_accuracy_points"] = 100.0 * (acc - per_q["accuracy"])
+        entry["allocator_minus_rule_agreement"] = entry["agreement_with_full_vote"] - per_q["agreement_with_full_vote"]
+        out["budgets"][name] = entry
+    return out
+
+
 def deer_report(path: Path, *, lam: float, score: str, deer_epsilon: float = 0.2) -> dict[str, Any]:
     header, rows = read_checkpoint(path)
     if not rows:
@@ -222,15 +329,24 @@ def main(argv: list[str] | None = None) -> int:
     report.update(sampling_report(trace, epsilon=args.epsilon, delta=args.delta, acc_epsilon=args.acc_epsilon,
                                   seed=args.seed, repeats=args.repeats))
     report.update(deer_report(DEER_CHECKPOINT, lam=args.deer_lam, score=args.deer_score))
+    report["dsc_allocator"] = allocator_report(trace, rows, seed=args.seed,
+                                               cert_lam=report["lam"] if report["certified"] else None)
     if args.json:
         print(json.dumps(report, indent=2, default=float))
     else:
         for key, value in report.items():
-            if key != "methods":
+            if key not in ("methods", "dsc_allocator"):
                 print(f"{key}: {value}")
         for name, m in report["methods"].items():
             print(f"  {name:24s} samples {m['samples_fraction']:.3f} tokens {m['tokens_fraction']:.3f} "
                   f"acc {m['accuracy']:.3f} drop {m['accuracy_drop_points']:+.2f} pts agree {m['agreement_with_full_vote']:.3f}")
+        print(f"dsc_allocator on {report['dsc_allocator']['n_test']} test problems (vs vote_settled at the same spend):")
+        for name, b in report["dsc_allocator"]["budgets"].items():
+            r = b["per_question_rule"]
+            print(f"  {name:24s} budget {b['budget_fraction_of_fixed_n']:.3f} samples {b['samples_fraction']:.3f} "
+                  f"acc {b['accuracy']:.3f} drop {b['accuracy_drop_points']:+.2f} pts agree {b['agreement_with_full_vote']:.3f} "
+                  f"{b['reasons']} | rule λ {r['lam']:.3f} samples {r['samples_fraction']:.3f} acc {r['accuracy']:.3f} "
+                  f"agree {r['agreement_with_full_vote']:.3f}")
     return 0
 
 

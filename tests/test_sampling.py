@@ -29,6 +29,7 @@ from stopwise.sampling import (
     DirichletPosterior,
     EndpointError,
     FirstFinish,
+    GenerationCancelled,
     HTTPBackend,
     MarkerExtractor,
     NumberExtractor,
@@ -562,7 +563,7 @@ class FakeLocal:
         return self.encode(messages[-1]["content"])
 
     def generate_ids(self, encoded: Any, *, n: int, temperature: float, max_tokens: int, seeds: Any,
-                     stop: Any = ()) -> list[list[Completion]]:
+                     stop: Any = (), cancel: threading.Event | None = None) -> list[list[Completion]]:
         digest = hashlib.sha256(bytes(encoded[0][:50])).hexdigest()
         return [[Completion(text=f"{digest[:4]} Answer: {j}\n\nmore", n_tokens=5, logprobs=(-0.5,) * 5,
                             finish_reason="stop_string" if stop else "stop") for j in range(n)]]
@@ -590,6 +591,137 @@ def test_server_app_speaks_openai_and_enforces_limits() -> None:
     assert client.post("/v1/completions", json={"n": 1}).status_code == 400
     assert client.post("/v1/chat/completions", content=b"{oops").status_code == 400
     assert client.get("/v1/models").json()["data"][0]["id"] == "fake"
+
+
+class SlowLocal(FakeLocal):
+    """Decodes one token per ``step_s`` seconds and checks its cancel event between tokens, as LocalBackend."""
+
+    def __init__(self, step_s: float = 0.01) -> None:
+        self.step_s = step_s
+        self.arrived = 0  # requests the server has read (it encodes each one before queueing it for the model)
+        self.calls: list[dict[str, Any]] = []  # one per generation: steps run, cancelled, done
+
+    def encode_messages(self, messages: list[dict[str, str]]) -> list[int]:
+        self.arrived += 1
+        return super().encode_messages(messages)
+
+    def generate_ids(self, encoded: Any, *, n: int, temperature: float, max_tokens: int, seeds: Any,
+                     stop: Any = (), cancel: threading.Event | None = None) -> list[list[Completion]]:
+        call: dict[str, Any] = {"max_tokens": max_tokens, "steps": 0, "cancelled": False, "done": threading.Event()}
+        self.calls.append(call)
+        try:
+            for _ in range(max_tokens):
+                if cancel is not None and cancel.is_set():
+                    call["cancelled"] = True
+                    raise GenerationCancelled(f"Cancelled after {call['steps']} tokens.")
+                time.sleep(self.step_s)
+                call["steps"] += 1
+        finally:
+            call["done"].set()
+        return [[Completion(text="Answer: 7", n_tokens=max_tokens, finish_reason="length") for _ in range(n)]]
+
+
+def until(predicate: Any, timeout: float = 10.0) -> bool:
+    """Poll ``predicate`` until it holds (True) or ``timeout`` seconds pass (False)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
+async def auntil(predicate: Any, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.005)
+
+
+def chat_body(max_tokens: int) -> dict[str, Any]:
+    return {"messages": [{"role": "user", "content": "hi"}], "max_tokens": max_tokens}
+
+
+def test_server_stops_generating_when_the_client_disconnects() -> None:
+    import httpx
+
+    from stopwise.sampling.server import ServerThread, create_app
+
+    backend = SlowLocal(step_s=0.01)  # 2000 tokens would take 20 s
+    app = create_app(backend, model_name="fake", max_tokens=2000)
+    with ServerThread(app) as server:
+        url = f"{server.url}/chat/completions"
+
+        async def abandon() -> None:
+            async with httpx.AsyncClient(timeout=30) as client:
+                request = asyncio.ensure_future(client.post(url, json=chat_body(2000)))
+                await auntil(lambda: bool(backend.calls) and backend.calls[0]["steps"] >= 3)
+                request.cancel()  # as AdaptiveSampler.arun does once its rule stops
+                with pytest.raises(asyncio.CancelledError):
+                    await request
+
+        asyncio.run(abandon())
+        first = backend.calls[0]
+        assert first["done"].wait(10) and first["cancelled"]
+        assert first["steps"] < 500  # stopped within a fraction of its 2000 tokens
+        assert until(lambda: app.state.cancelled == 1)
+        r = httpx.post(url, json=chat_body(3), timeout=30)  # the model is free again
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+        assert len(backend.calls) == 2 and not backend.calls[1]["cancelled"] and backend.calls[1]["steps"] == 3
+        health = httpx.get(f"http://{server.host}:{server.port}/health", timeout=30).json()
+        assert health["requests"] == 2 and health["cancelled"] == 1
+
+
+def test_server_abandoned_requests_do_not_block_the_queue() -> None:
+    import httpx
+
+    from stopwise.sampling.server import ServerThread, create_app
+
+    backend = SlowLocal(step_s=0.01)
+    app = create_app(backend, model_name="fake", max_tokens=2000)
+    with ServerThread(app) as server:
+        url = f"{server.url}/chat/completions"
+
+        async def scenario() -> httpx.Response:
+            async with httpx.AsyncClient(timeout=30) as a, httpx.AsyncClient(timeout=30) as b, \
+                    httpx.AsyncClient(timeout=30) as c:
+                running = asyncio.ensure_future(a.post(url, json=chat_body(2000)))
+                await auntil(lambda: bool(backend.calls))  # it holds the model
+                queued = asyncio.ensure_future(b.post(url, json=chat_body(2000)))
+                await auntil(lambda: backend.arrived == 2)
+                waiting = asyncio.ensure_future(c.post(url, json=chat_body(3)))
+                await auntil(lambda: backend.arrived == 3)
+                queued.cancel()  # abandoned while waiting for the model: it gives up its place
+                await auntil(lambda: app.state.cancelled == 1)
+                assert len(backend.calls) == 1 and not waiting.done()
+                running.cancel()  # abandoned mid-generation: the model is freed for the waiting request
+                response = await asyncio.wait_for(waiting, timeout=30)
+                await asyncio.gather(running, queued, return_exceptions=True)
+                return response
+
+        r = asyncio.run(scenario())
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "Answer: 7"
+        assert [c["max_tokens"] for c in backend.calls] == [2000, 3]  # the queued request never ran
+        assert backend.calls[0]["cancelled"] and backend.calls[0]["steps"] < 500
+        assert until(lambda: app.state.cancelled == 2) and app.state.requests == 2
+
+
+def test_adaptive_sampler_cancellations_stop_the_servers_work() -> None:
+    from stopwise.sampling.server import ServerThread, create_app
+
+    backend = SlowLocal(step_s=0.01)
+    app = create_app(backend, model_name="fake", max_n=4, max_tokens=200)
+    with ServerThread(app) as server:
+        sampler = AdaptiveSampler(HTTPBackend(server.url, model="fake", retries=0, timeout=60), FirstFinish(lam=1),
+                                  max_samples=4, step=4, max_tokens=100)
+        (result,) = sampler.arun_sync(["q"])
+        assert result.answer == "7" and result.n_samples == 1 and result.cancelled == 3
+        # The three requests cancelled by the sampler are dropped from the queue or stopped mid-generation.
+        assert until(lambda: app.state.cancelled == 3)
+        assert until(lambda: all(c["done"].is_set() for c in backend.calls))
+        finished = [c for c in backend.calls if not c["cancelled"]]
+        assert len(finished) == 1 and finished[0]["steps"] == 100
+        assert all(c["steps"] < 100 for c in backend.calls if c["cancelled"])
 
 
 def test_serve_refuses_non_loopback_hosts() -> None:

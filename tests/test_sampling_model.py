@@ -102,3 +102,48 @@ def test_deer_local_exits_at_the_first_confident_trial(backend: Any) -> None:
     assert early.answer == full.steps[first].answer and early.think_tokens == full.steps[first].think_tokens
     trace = deer_trace([full], labels=["5"])
     assert trace.n_stages == len(full.steps) and trace.signals["deer_mean"][0, -1] == 1.0
+
+
+def test_local_generation_stops_between_tokens_when_cancelled() -> None:
+    """The ``cancel`` event ``stopwise serve`` sets when a client disconnects (a tiny random model, no download)."""
+    import threading
+
+    transformers = pytest.importorskip("transformers")
+    from stopwise.sampling import GenerationCancelled
+    from stopwise.sampling.local import LocalBackend
+
+    class Chars:
+        def decode(self, ids: Any, skip_special_tokens: bool = True) -> str:
+            return "".join(chr(65 + i % 26) for i in ids)
+
+    class StopAfter(threading.Event):
+        """Reads as set from its (k+1)-th check on: the first check is before the prompt's forward pass."""
+
+        def __init__(self, k: int) -> None:
+            super().__init__()
+            self.k, self.checks = k, 0
+
+        def is_set(self) -> bool:
+            self.checks += 1
+            return self.checks > self.k
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
+                                   bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    backend = LocalBackend.__new__(LocalBackend)  # skip loading: a tiny random Llama and a character "tokenizer"
+    backend.model, backend.tokenizer = transformers.LlamaForCausalLM(cfg).eval(), Chars()
+    backend.eos_ids, backend.pad_id, backend.max_batch_rows = [10_000], 0, 32  # no EOS: every row runs to max_tokens
+    kwargs: dict[str, Any] = {"n": 2, "temperature": 1.0, "max_tokens": 12, "seeds": [3]}
+    bare = backend.generate_ids([[5, 6, 7]], **kwargs)[0]
+    assert [c.n_tokens for c in bare] == [12, 12]
+    unset = backend.generate_ids([[5, 6, 7]], **kwargs, cancel=threading.Event())[0]
+    assert [c.text for c in unset] == [c.text for c in bare]  # an event never set changes nothing
+    stop = StopAfter(4)
+    with pytest.raises(GenerationCancelled, match="after 3 of at most 12 tokens"):
+        backend.generate_ids([[5, 6, 7]], **kwargs, cancel=stop)
+    assert stop.checks == 5
+    early = threading.Event()
+    early.set()
+    with pytest.raises(GenerationCancelled, match="after 0 of"):
+        backend.generate_ids([[5, 6, 7]], **kwargs, cancel=early)

@@ -3,7 +3,8 @@
 Pieces (torch is imported only by :mod:`stopwise.sampling.local` and the server's model):
 
 - backends: :class:`~stopwise.sampling.local.LocalBackend` (Hugging Face, seeded),
-  :class:`HTTPBackend` (OpenAI-compatible endpoints), :class:`CallableBackend`;
+  :class:`HTTPBackend` (OpenAI-compatible endpoints), :class:`CallableBackend`, and
+  :class:`ReplayBackend` (recorded completions in recorded order, for offline evaluation);
 - answer extraction (:mod:`stopwise.sampling.extract`), votes (:mod:`stopwise.sampling.vote`);
 - stopping rules for samples (:mod:`stopwise.sampling.rules`), the :class:`AdaptiveSampler`;
 - DSC's allocation of a total sample budget across questions by difficulty
@@ -16,7 +17,7 @@ Pieces (torch is imported only by :mod:`stopwise.sampling.local` and the server'
 from __future__ import annotations
 
 from stopwise.sampling.allocate import Allocation, DifficultyAllocator
-from stopwise.sampling.backends import CallableBackend, EndpointError, HTTPBackend
+from stopwise.sampling.backends import CallableBackend, EndpointError, HTTPBackend, ReplayBackend
 from stopwise.sampling.certify import certify, split_certify
 from stopwise.sampling.data import Question, load_questions, math_questions
 from stopwise.sampling.extract import (
@@ -37,12 +38,13 @@ from stopwise.sampling.rules import (
     sampling_rule,
 )
 from stopwise.sampling.sampler import AdaptiveSampler, QuestionResult, summarise
-from stopwise.sampling.types import Completion, token_score
+from stopwise.sampling.types import Completion, GenerationCancelled, token_score
 
 __all__ = [
     "AdaptiveSampler", "Allocation", "CallableBackend", "ChoiceExtractor", "Completion", "ConfidenceStop",
-    "DifficultyAdaptive", "DifficultyAllocator", "DirichletPosterior", "EndpointError", "FirstFinish", "HTTPBackend",
-    "MarkerExtractor", "NumberExtractor", "OnSamples", "Question", "QuestionResult", "StringExtractor", "VoteSettled", "certify", "convert",
+    "DifficultyAdaptive", "DifficultyAllocator", "DirichletPosterior", "EndpointError", "FirstFinish",
+    "GenerationCancelled", "HTTPBackend", "MarkerExtractor", "NumberExtractor", "OnSamples", "Question",
+    "QuestionResult", "ReplayBackend", "StringExtractor", "VoteSettled", "certify", "convert",
     "load_questions", "make_extractor", "math_questions", "read_checkpoint", "record", "sampling_rule",
     "split_certify", "summarise", "token_score", "trace_from_records",
 ]

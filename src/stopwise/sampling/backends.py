@@ -1,4 +1,5 @@
-"""Sampling backends without torch: a plain Python callable and any OpenAI-compatible endpoint.
+"""Sampling backends without torch: a plain Python callable, any OpenAI-compatible endpoint, and a
+replay of recorded samples.
 
 Every backend offers ``generate(prompts, *, n, temperature, max_tokens, seeds) -> list[list[Completion]]``
 (the local HF backend in :mod:`stopwise.sampling.local` too) and ``agenerate(prompt, ...)`` for
@@ -9,12 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import math
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
-from stopwise._errors import StopwiseError, check_choice
+from stopwise._errors import StopwiseError, check_choice, check_int
 from stopwise.sampling.types import Completion
 
 RETRY_STATUS = (408, 409, 425, 429, 500, 502, 503, 504)
@@ -67,6 +70,122 @@ class CallableBackend:
         if inspect.isawaitable(res):
             res = await res
         return self._normalise(res, n)
+
+
+class ReplayBackend:
+    """Serve recorded completions in their recorded order: offline evaluation of a sampler or an
+    allocator on a recording (e.g. a :func:`~stopwise.sampling.record.record` checkpoint), no model.
+
+    Each prompt has a cursor: a request for ``n`` completions of a prompt gets the next ``n`` of its
+    recording (the first request samples 0..n-1, the next one continues where it stopped), whatever
+    the seed, temperature or max_tokens asked. Asking a prompt for more completions than it has
+    recorded, or for a prompt with no recording, raises :class:`~stopwise.StopwiseError`; a batched
+    call is checked whole before any cursor moves. ``served`` counts what each prompt has handed
+    out; :meth:`reset` rewinds every cursor.
+
+    Args:
+        samples: recorded completions per prompt, in order (:class:`~stopwise.sampling.types.Completion`
+            or plain strings).
+    """
+
+    name = "replay"
+
+    def __init__(self, samples: Mapping[str, Sequence[Completion | str]]) -> None:
+        if not isinstance(samples, Mapping):
+            raise StopwiseError("The 'samples' parameter of ReplayBackend must map each prompt to its recorded "
+                                f"completions. Got {type(samples).__name__} instead.")
+        self.samples: dict[str, list[Completion]] = {str(p): [_as_completion(c) for c in comps]
+                                                     for p, comps in samples.items()}
+        self.served: dict[str, int] = dict.fromkeys(self.samples, 0)
+
+    @classmethod
+    def from_records(cls, rows: Sequence[Mapping[str, Any]]) -> ReplayBackend:
+        """From checkpoint question records (``prompt`` and ``samples`` with ``text``, ``n_tokens``,
+        ``confidence``, ``finish_reason``, ``answer``).
+
+        A completion keeps its recorded text, token count and finish reason; its ``confidence`` is
+        the recorded one (carried as one log-probability, log(confidence)); ``meta`` holds the
+        record's ``id``, the sample's ``index`` and its recorded ``answer`` (a sampler re-extracts
+        answers from the text with its own extractor). Two records with one prompt are refused:
+        requests name prompts only, so they could not be told apart.
+        """
+        samples: dict[str, list[Completion]] = {}
+        for row in rows:
+            prompt, recorded = row.get("prompt"), row.get("samples")
+            if not isinstance(prompt, str) or not isinstance(recorded, list):
+                raise StopwiseError(f"Record {row.get('id')!r} has no 'prompt' string and 'samples' list.")
+            if prompt in samples:
+                raise StopwiseError(f"Two records share the prompt {prompt[:80]!r} (record {row.get('id')!r}); "
+                                    "ReplayBackend tells questions apart by prompt.")
+            samples[prompt] = [_recorded_completion(s, row.get("id"), k) for k, s in enumerate(recorded)]
+        return cls(samples)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path) -> ReplayBackend:
+        """From a :func:`~stopwise.sampling.record.record` checkpoint file (see :meth:`from_records`)."""
+        from stopwise.sampling.record import read_checkpoint
+
+        _, rows = read_checkpoint(path)
+        if not rows:
+            raise StopwiseError(f"'{path}' holds no recorded questions.")
+        return cls.from_records(rows)
+
+    def remaining(self, prompt: str) -> int:
+        """Recorded completions of ``prompt`` not served yet."""
+        return len(self._recording(prompt)) - self.served[prompt]
+
+    def reset(self) -> None:
+        """Rewind every prompt to its first recorded completion."""
+        self.served = dict.fromkeys(self.samples, 0)
+
+    def _recording(self, prompt: str) -> list[Completion]:
+        try:
+            return self.samples[prompt]
+        except KeyError:
+            raise StopwiseError(f"ReplayBackend has no recording for the prompt {prompt[:80]!r}.") from None
+
+    def _take(self, prompts: Sequence[str], n: int) -> list[list[Completion]]:
+        n = check_int(n, "n", "ReplayBackend.generate", minimum=1)
+        asked: dict[str, int] = {}
+        for p in prompts:  # check the whole call first: a refused call moves no cursor
+            asked[p] = asked.get(p, 0) + n
+            have = len(self._recording(p))
+            if self.served[p] + asked[p] > have:
+                raise StopwiseError(f"ReplayBackend was asked for completions {self.served[p] + asked[p] - n + 1}.."
+                                    f"{self.served[p] + asked[p]} of the prompt {p[:80]!r}, which has {have} recorded.")
+        out = []
+        for p in prompts:
+            start = self.served[p]
+            self.served[p] = start + n
+            out.append(self.samples[p][start : start + n])
+        return out
+
+    def generate(self, prompts: Sequence[str], *, n: int = 1, temperature: float = 0.7, max_tokens: int = 96,
+                 seeds: Sequence[int] | int = 0) -> list[list[Completion]]:
+        """The next ``n`` recorded completions of each prompt (a prompt listed twice gets 2n in turn)."""
+        return self._take(list(prompts), n)
+
+    async def agenerate(self, prompt: str, *, n: int = 1, temperature: float = 0.7, max_tokens: int = 96,
+                        seed: int = 0) -> list[Completion]:
+        """The next ``n`` recorded completions of ``prompt``."""
+        return self._take([prompt], n)[0]
+
+
+def _recorded_completion(sample: Any, qid: Any, index: int) -> Completion:
+    if isinstance(sample, str):
+        return _as_completion(sample)
+    if not isinstance(sample, Mapping):
+        raise StopwiseError(f"Record {qid!r} sample {index} is not an object or a string. Got {sample!r}.")
+    text = sample.get("text")
+    text = text if isinstance(text, str) else ""
+    conf = sample.get("confidence")
+    logprobs = None
+    if isinstance(conf, (int, float)) and not isinstance(conf, bool) and 0.0 <= conf <= 1.0:
+        logprobs = (math.log(conf) if conf > 0 else -math.inf,)
+    n_tokens = sample.get("n_tokens")
+    return Completion(text=text, n_tokens=int(n_tokens) if isinstance(n_tokens, (int, float)) else len(text.split()),
+                      logprobs=logprobs, finish_reason=sample.get("finish_reason"),
+                      meta={"id": qid, "index": index, "answer": sample.get("answer")})
 
 
 class HTTPBackend:

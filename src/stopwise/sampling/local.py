@@ -10,6 +10,7 @@ the batch at once, which matters on CPU.
 from __future__ import annotations
 
 import copy
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from typing import Any
 import torch
 
 from stopwise._errors import StopwiseError
-from stopwise.sampling.types import Completion, prompt_seed
+from stopwise.sampling.types import Completion, GenerationCancelled, prompt_seed
 
 
 class LocalBackend:
@@ -82,17 +83,23 @@ class LocalBackend:
 
     # -- sampling -----------------------------------------------------------------------------
     def generate(self, prompts: Sequence[str], *, n: int = 1, temperature: float = 0.7, top_p: float = 1.0,
-                 max_tokens: int = 96, seeds: Sequence[int] | int = 0, stop: Sequence[str] = ()) -> list[list[Completion]]:
-        """``n`` completions per prompt; prompt i samples from its own generator seeded ``seeds[i]``."""
+                 max_tokens: int = 96, seeds: Sequence[int] | int = 0, stop: Sequence[str] = (),
+                 cancel: threading.Event | None = None) -> list[list[Completion]]:
+        """``n`` completions per prompt; prompt i samples from its own generator seeded ``seeds[i]``.
+
+        Setting ``cancel`` (from another thread) stops decoding before the next token and raises
+        :class:`~stopwise.sampling.types.GenerationCancelled`.
+        """
         seed_list = [prompt_seed(seeds, i) for i in range(len(prompts))] if isinstance(seeds, int) else list(seeds)
         if len(seed_list) != len(prompts):
             raise StopwiseError(f"LocalBackend.generate needs one seed per prompt. Got {len(seed_list)} seeds for {len(prompts)} prompts.")
         encoded = [self.encode_prompt(p) for p in prompts]
         return self.generate_ids(encoded, n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
-                                 seeds=seed_list, stop=stop)
+                                 seeds=seed_list, stop=stop, cancel=cancel)
 
     def generate_ids(self, encoded: Sequence[Sequence[int]], *, n: int, temperature: float, top_p: float = 1.0,
-                     max_tokens: int, seeds: Sequence[int | None], stop: Sequence[str] = ()) -> list[list[Completion]]:
+                     max_tokens: int, seeds: Sequence[int | None], stop: Sequence[str] = (),
+                     cancel: threading.Event | None = None) -> list[list[Completion]]:
         """As :meth:`generate` on token ids; a seed of None with temperature 0 decodes greedily."""
         if n < 1 or max_tokens < 1:
             raise StopwiseError(f"LocalBackend needs n >= 1 and max_tokens >= 1. Got n={n}, max_tokens={max_tokens}.")
@@ -105,7 +112,7 @@ class LocalBackend:
                 g = torch.Generator()
                 g.manual_seed(int(s or 0))
                 gens.append(g)
-            tokens, logps, reasons = self._decode(chunk, gens, n, temperature, top_p, max_tokens, stop)
+            tokens, logps, reasons = self._decode(chunk, gens, n, temperature, top_p, max_tokens, stop, cancel)
             for i in range(len(chunk)):
                 out.append([
                     Completion(text=self.decode(tokens[i * n + j]), n_tokens=len(tokens[i * n + j]),
@@ -120,7 +127,13 @@ class LocalBackend:
 
     @torch.inference_mode()
     def _decode(self, prompts: Sequence[Sequence[int]], gens: list[torch.Generator], n: int, temperature: float,
-                top_p: float, max_new: int, stop: Sequence[str]) -> tuple[list[list[int]], list[list[float]], list[str]]:
+                top_p: float, max_new: int, stop: Sequence[str],
+                cancel: threading.Event | None = None) -> tuple[list[list[int]], list[list[float]], list[str]]:
+        def check(step: int) -> None:  # between forward passes: a cancelled request stops within one token
+            if cancel is not None and cancel.is_set():
+                raise GenerationCancelled(f"The generation was cancelled after {step} of at most {max_new} tokens.")
+
+        check(0)
         p = len(prompts)
         width = max(len(r) for r in prompts)
         ids = torch.full((p, width), self.pad_id, dtype=torch.long)
@@ -145,7 +158,8 @@ class LocalBackend:
         reasons = ["length"] * b
         eos = torch.tensor(self.eos_ids)
         next_pos = pos[:, -1]
-        for _ in range(max_new):
+        for step in range(max_new):
+            check(step)
             logp = torch.log_softmax(logits, dim=-1)
             chosen = self._choose(logits, alive, gens, n, temperature, top_p)
             lp = logp.gather(1, chosen[:, None]).squeeze(1)

@@ -4,10 +4,17 @@ Endpoints: ``GET /v1/models``, ``GET /health``, ``POST /v1/chat/completions`` an
 ``POST /v1/completions`` with ``n``, ``temperature``, ``max_tokens``, ``logprobs``, ``seed`` and
 ``stop``. Requests above the limits (``max_n``, ``max_tokens``) are refused with HTTP 400 and an
 OpenAI-style error body. One generation runs at a time (the model is not thread-safe).
+
+A generation runs in a worker thread while the handler watches its connection: when the client
+disconnects (an adaptive sampler cancels the requests it no longer needs), the generation stops
+before its next token and frees the model for the next request; a request still waiting for the
+model gives up its place. Responses are not streamed.
 """
 
 from __future__ import annotations
 
+import inspect
+import logging
 import socket
 import threading
 import time
@@ -16,6 +23,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from stopwise._errors import StopwiseError
+from stopwise.sampling.types import GenerationCancelled
 
 try:  # FastAPI resolves the handlers' annotations at module level
     from fastapi import Request
@@ -23,6 +31,10 @@ except ImportError:  # pragma: no cover - the 'serve' extra is not installed
     Request = Any  # type: ignore[misc,assignment]
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+DISCONNECT_POLL_S = 0.1  # how often a waiting handler checks whether its client is still there
+LOCK_POLL_S = 0.05  # how often a request waiting for the model checks whether it was cancelled
+
+log = logging.getLogger("stopwise.serve")
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -43,14 +55,38 @@ def _cut(text: str, stop: Sequence[str]) -> str:
     return text[: min(cuts)] if cuts else text
 
 
+def _peer(request: Any) -> str:
+    client = getattr(request, "client", None)
+    return f"{client.host}:{client.port}" if client else "?"
+
+
+def _accepts_cancel(generate_ids: Any) -> bool:
+    """Whether a backend's ``generate_ids`` takes a ``cancel`` event (LocalBackend does)."""
+    try:
+        params = inspect.signature(generate_ids).parameters
+    except (TypeError, ValueError):
+        return False
+    return "cancel" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
 def create_app(backend: Any, *, model_name: str = "smollm2", max_n: int = 16, max_tokens: int = 256) -> Any:
-    """A FastAPI app serving ``backend`` (a :class:`~stopwise.sampling.local.LocalBackend`)."""
+    """A FastAPI app serving ``backend`` (a :class:`~stopwise.sampling.local.LocalBackend`).
+
+    ``app.state.requests`` counts the generations started and ``app.state.cancelled`` the requests
+    abandoned by their clients (stopped mid-generation or before they reached the model).
+    """
+    import anyio
     from fastapi import FastAPI
     from starlette.concurrency import run_in_threadpool
 
     app = FastAPI(title="stopwise serve")
     lock = threading.Lock()
     app.state.requests = 0
+    app.state.cancelled = 0
+    cancellable = _accepts_cancel(backend.generate_ids)
+    if not cancellable:
+        log.warning("The backend %s cannot stop a generation early: requests whose client disconnects run to the end.",
+                    type(backend).__name__)
 
     def validate(body: Any) -> tuple[dict[str, Any] | None, Any]:
         if not isinstance(body, dict):
@@ -68,11 +104,55 @@ def create_app(backend: Any, *, model_name: str = "smollm2", max_n: int = 16, ma
         return {"n": n, "temperature": float(temp), "max_tokens": mt, "stop": stop,
                 "seed": int(seed) if isinstance(seed, int) else int(time.time_ns() % (2**31))}, None
 
-    def run(ids: list[int], opts: dict[str, Any]) -> list[Any]:
-        with lock:
+    def run(ids: list[int], opts: dict[str, Any], cancel: threading.Event) -> list[Any]:
+        """In a worker thread: wait for the model (giving up when cancelled), then generate."""
+        while not lock.acquire(timeout=LOCK_POLL_S):
+            if cancel.is_set():
+                raise GenerationCancelled("The request was cancelled while it waited for the model.")
+        try:
+            if cancel.is_set():
+                raise GenerationCancelled("The request was cancelled while it waited for the model.")
             app.state.requests += 1
-            return backend.generate_ids([ids], n=opts["n"], temperature=opts["temperature"], max_tokens=opts["max_tokens"],
-                                        seeds=[opts["seed"]], stop=opts["stop"])[0]
+            extra: dict[str, Any] = {"cancel": cancel} if cancellable else {}
+            comps: list[Any] = backend.generate_ids([ids], n=opts["n"], temperature=opts["temperature"],
+                                                    max_tokens=opts["max_tokens"], seeds=[opts["seed"]],
+                                                    stop=opts["stop"], **extra)[0]
+            return comps
+        finally:
+            lock.release()
+
+    async def generate(request: Request, ids: list[int], opts: dict[str, Any]) -> list[Any] | None:
+        """``run`` in a worker thread while watching the client; None when the client disconnected."""
+        cancel = threading.Event()
+        started = time.monotonic()
+
+        async def watch() -> None:
+            try:
+                while not await request.is_disconnected():
+                    await anyio.sleep(DISCONNECT_POLL_S)
+            finally:  # disconnected, or the handler itself is cancelled (server shutdown)
+                cancel.set()
+
+        comps: list[Any] | None = None
+        error: Exception | None = None
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(watch)
+            try:
+                comps = await run_in_threadpool(run, ids, opts, cancel)
+            except GenerationCancelled as exc:
+                app.state.cancelled += 1
+                log.info("Client %s disconnected: %s Stopped after %.2f s; the model is free.",
+                         _peer(request), exc, time.monotonic() - started)
+            except Exception as exc:  # re-raised below as itself, not wrapped in an ExceptionGroup
+                error = exc
+            else:
+                if cancel.is_set():
+                    log.info("Client %s disconnected; its generation had already finished (%.2f s).",
+                             _peer(request), time.monotonic() - started)
+            tg.cancel_scope.cancel()
+        if error is not None:
+            raise error
+        return comps
 
     def usage(prompt_ids: list[int], comps: list[Any]) -> dict[str, int]:
         done = sum(c.n_tokens for c in comps)
@@ -80,7 +160,7 @@ def create_app(backend: Any, *, model_name: str = "smollm2", max_n: int = 16, ma
 
     @app.get("/health")
     def health() -> dict[str, Any]:
-        return {"status": "ok", "model": model_name, "requests": app.state.requests}
+        return {"status": "ok", "model": model_name, "requests": app.state.requests, "cancelled": app.state.cancelled}
 
     @app.get("/v1/models")
     def models() -> dict[str, Any]:
@@ -100,7 +180,9 @@ def create_app(backend: Any, *, model_name: str = "smollm2", max_n: int = 16, ma
                 isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages):
             return _error(400, "'messages' must be a non-empty list of {role, content} objects.", "messages")
         ids = backend.encode_messages(messages)
-        comps = await run_in_threadpool(run, ids, opts)
+        comps = await generate(request, ids, opts)
+        if comps is None:  # nobody is listening any more
+            return _error(499, "The client closed the request.")
         want_lp = bool(body.get("logprobs"))
         choices = []
         for i, c in enumerate(comps):
@@ -124,7 +206,9 @@ def create_app(backend: Any, *, model_name: str = "smollm2", max_n: int = 16, ma
         if not isinstance(prompt, str) or not prompt:
             return _error(400, "'prompt' must be a non-empty string (one prompt per request).", "prompt")
         ids = backend.encode(prompt)
-        comps = await run_in_threadpool(run, ids, opts)
+        comps = await generate(request, ids, opts)
+        if comps is None:
+            return _error(499, "The client closed the request.")
         want_lp = body.get("logprobs") is not None and body.get("logprobs") is not False
         choices = []
         for i, c in enumerate(comps):
@@ -182,6 +266,14 @@ def serve(*, model: str = "smollm2", host: str = "127.0.0.1", port: int = 8000, 
     from stopwise.sampling.local import LocalBackend
 
     check_host(host)
+    if not log.handlers:  # uvicorn configures only its own loggers: show ours (disconnects) like them
+        from uvicorn.logging import DefaultFormatter
+
+        handler = logging.StreamHandler()
+        handler.setFormatter(DefaultFormatter("%(levelprefix)s %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
     backend = LocalBackend(model, threads=threads, system=system)
     app = create_app(backend, model_name=str(model), max_n=max_n, max_tokens=max_tokens)
     uvicorn.run(app, host=host, port=port, log_level="info")

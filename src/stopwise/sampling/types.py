@@ -11,6 +11,10 @@ from typing import Any
 from stopwise._errors import StopwiseError
 
 
+class GenerationCancelled(StopwiseError):
+    """A generation was stopped through its ``cancel`` event (``stopwise serve``: the client disconnected)."""
+
+
 @dataclass(frozen=True)
 class Completion:
     """One sampled completion.
