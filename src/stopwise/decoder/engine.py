@@ -24,12 +24,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from stopwise._errors import StopwiseError
 from stopwise.decoder.backbone import Backbone, State, append_tokens, positions
 from stopwise.decoder.heads import ExitHeads
 from stopwise.decoder.sampling import accept_or_resample, sample
+from stopwise.rules.base import Stopper
 
 OnToken = Callable[[int, int], None]  # (row, token id)
 
@@ -437,7 +439,7 @@ class Engine:
         exits = sorted(exit_layers or heads.layers)
         if schedule is not None:
             schedule = self._check_schedule(schedule, max_new_tokens)
-        row_lams = None if lams is None else self._check_lams(lams, len(prompts), rule)
+        row_t = None if lams is None else self._row_thresholds(lams, len(prompts), rule)
         self._check_room(prompts, max_new_tokens)
         t0 = time.perf_counter()
         n = len(prompts)
@@ -459,7 +461,7 @@ class Engine:
                 row_used = [float(exit_at[0])] * n
             else:
                 nxt, exit_at, used, row_used = self._calm_token(state, nxt, rule, exits, temperature, generator,
-                                                                StageBatch, row_lams)
+                                                                StageBatch, row_t)
             stats.layers += used
             # Rows not done now will commit the token this step made: it costs them row_used.
             for r in range(n):
@@ -482,19 +484,15 @@ class Engine:
         state.attn = state.attn.repeat_interleave(n, dim=0)
         return state, h.repeat_interleave(n, dim=0)
 
-    def _check_lams(self, lams: Sequence[float | None], n: int, rule: Any) -> list[float | None]:
-        """Per-row λ for ``early_exit``: None for rows that never exit."""
+    def _row_thresholds(self, lams: Sequence[float | None], n: int, rule: Any) -> np.ndarray:
+        """The stopper thresholds of per-row λ for ``early_exit``, checked once before decoding."""
         if rule is None:
             raise StopwiseError("The 'lams' parameter of early_exit needs 'rule' (per-row λ of a CALM rule), not 'schedule'.")
-        allowed = f"a sequence of {n} λ values, one per prompt (None or inf: never exit)"
-        if isinstance(lams, (str, bytes)) or not isinstance(lams, Sequence) or len(lams) != n:
-            raise StopwiseError(f"The 'lams' parameter of early_exit must be {allowed}. Got {lams!r} instead.")
-        out: list[float | None] = []
-        for lam in lams:
-            if lam is not None and (isinstance(lam, bool) or not isinstance(lam, (int, float)) or math.isnan(lam)):
-                raise StopwiseError(f"The 'lams' parameter of early_exit must be {allowed}. Got {lams!r} instead.")
-            out.append(None if lam is None or lam == math.inf else float(lam))
-        return out
+        if isinstance(lams, Sequence) and not isinstance(lams, (str, bytes)):
+            # +inf never exits whatever the rule's direction (for entropy, λ = inf would always exit).
+            lams = [None if isinstance(lam, (int, float)) and lam == math.inf else lam for lam in lams]
+        t: np.ndarray = rule.row_thresholds(n, lams, owner="early_exit")
+        return t
 
     def _check_schedule(self, schedule: list[int], max_new: int) -> list[int]:
         sched = [int(x) for x in schedule]
@@ -519,7 +517,7 @@ class Engine:
         return self._emit(h[:, -1], layer, temperature, generator), float(layer * tok.shape[0])
 
     def _calm_token(self, state: State, tok: torch.Tensor, rule: Any, exits: list[int], temperature: float,
-                    generator: torch.Generator | None, StageBatch: Any, lams: list[float | None] | None = None
+                    generator: torch.Generator | None, StageBatch: Any, row_t: np.ndarray | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor, float, list[float]]:
         """One token per row; returns the tokens, exit layers, layers run (all rows) and per row."""
         bb, heads = self.bb, self.heads
@@ -528,7 +526,7 @@ class Engine:
         pos = append_tokens(state, torch.ones_like(tok[:, None]))
         h = bb.embed(tok[:, None], pos)
         emb = bb.rope(h, pos)
-        stopper = rule.stopper(n) if lams is None else rule.stopper(n, lams=lams)
+        stopper = rule.stopper(n) if row_t is None else Stopper(rule, n, row_t)
         exit_at = torch.full((n,), bb.n_layers, dtype=torch.long)
         exit_h = torch.zeros_like(h)
         active = torch.ones(n, dtype=torch.bool)

@@ -140,10 +140,11 @@ class Rule(ABC):
             return Stopper(self, n, self.threshold(lam))
         return Stopper(self, n, self.row_thresholds(n, lams, lam=lam))
 
-    def row_thresholds(self, n: int, lams: Sequence[float | None] | FloatArray, *, lam: float | None = None
-                       ) -> FloatArray:
-        """Internal thresholds t for n rows with one λ each (None: +inf, never fires)."""
-        owner = f"{type(self).__name__}.stopper"
+    def row_thresholds(self, n: int, lams: Sequence[float | None] | FloatArray, *, lam: float | None = None,
+                       owner: str | None = None) -> FloatArray:
+        """Internal thresholds t for n rows with one λ each (None: +inf, never fires); ``owner``
+        names the caller in errors (default: this rule's ``stopper``)."""
+        owner = owner or f"{type(self).__name__}.stopper"
         if lam is not None:
             raise StopwiseError(f"{owner} takes one of 'lam' (all rows) or 'lams' (one per row). Got both: lam={lam!r}.")
         allowed = f"a sequence of {n} λ values, one per row (None: never stop)"
