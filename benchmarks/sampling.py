@@ -147,13 +147,6 @@ def sampling_report(trace: Trace, *, epsilon: float, delta: float, acc_epsilon: 
     }
 
 
-def split_rows(n: int, first: float, *, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """The rows of Trace.split(first, seed=seed): (calibration rows, test rows)."""
-    count = int(round(first * n))
-    perm = np.random.default_rng(seed).permutation(n)
-    return np.sort(perm[:count]), np.sort(perm[count:])
-
-
 def rule_at_budget(test: Trace, z: np.ndarray, budget: int) -> tuple[float, np.ndarray, int | None]:
     """The largest λ of a rule (statistic ``z`` on ``test``) whose test spend fits ``budget``
     samples, its halts, and the next larger spend any λ gives (None: none). λ runs over the
@@ -177,9 +170,8 @@ def allocator_report(trace: Trace, rows: list[dict[str, Any]], *, seed: int, cer
     """DSC's batch allocation (DifficultyAllocator) over the test half of ``sampling_report``'s
     split, replaying each problem's recorded samples in order, at a few total budgets; beside it
     the per-question vote_settled rule (the certified family) at the same spend."""
-    _, test_rows = split_rows(trace.n, 0.5, seed=seed)
-    _, test = trace.split(0.5, seed=seed)
-    assert np.array_equal(trace[test_rows].predictions, test.predictions), "split_rows must mirror Trace.split"
+    _, test_rows = trace.split_rows(0.5, seed=seed)
+    test = trace[test_rows]
     records = [rows[i] for i in test_rows]
     questions = [Question(id=str(r["id"]), prompt=r["prompt"], label=r.get("label")) for r in records]
     full = N * test.n

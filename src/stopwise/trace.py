@@ -260,6 +260,11 @@ class Trace:
 
     def split(self, first: float | int, *, seed: int) -> tuple[Trace, Trace]:
         """Random split into (first, rest); ``first`` is a fraction in (0, 1) or a count."""
+        head, rest = self.split_rows(first, seed=seed)
+        return self[head], self[rest]
+
+    def split_rows(self, first: float | int, *, seed: int) -> tuple[IntArray, IntArray]:
+        """The sorted row indices of :meth:`split`'s two parts (to split data kept beside the trace)."""
         if isinstance(first, float) and 0.0 < first < 1.0:
             count = int(round(first * self.n))
         elif isinstance(first, int) and not isinstance(first, bool) and 0 < first < self.n:
@@ -270,7 +275,7 @@ class Trace:
                 f"[1, {self.n - 1}]. Got {first!r} instead."
             )
         perm = np.random.default_rng(seed).permutation(self.n)
-        return self[np.sort(perm[:count])], self[np.sort(perm[count:])]
+        return np.sort(perm[:count]), np.sort(perm[count:])
 
     @staticmethod
     def concat(traces: Sequence[Trace]) -> Trace:
