@@ -65,8 +65,6 @@ def _tasks(quick: bool) -> dict[str, Any]:
 
 
 def _subsample(ts: Any, cap: int, seed: int) -> Any:
-    import numpy as np
-
     if len(ts) <= cap:
         return ts
     groups = np.unique(ts.groups)
@@ -91,8 +89,6 @@ def _time(clf: Any, enc: Any, batch: int, repeats: int, **kw: Any) -> tuple[floa
 
 def run_one(backbone: str, task: str, ts: Any, *, max_length: int, n_time32: int, n_time1: int, repeats: int,
             timing_repeats: int, pooling: str | None) -> dict[str, Any]:
-    import numpy as np
-
     import stopwise as sw
     from stopwise.encoder import recipes
 
@@ -134,8 +130,6 @@ def run_one(backbone: str, task: str, ts: Any, *, max_length: int, n_time32: int
 
 def _row(clf: Any, cal: Any, test: Any, both: Any, *, risk: str, rule_name: str, eps: float, full_acc: float,
          encs: tuple[Any, Any], repeats: int, timing_repeats: int, timings: dict[Any, Any]) -> dict[str, Any]:
-    import numpy as np
-
     import stopwise as sw
     from stopwise.validity import bootstrap_repeats
 
@@ -174,8 +168,6 @@ def _row(clf: Any, cal: Any, test: Any, both: Any, *, risk: str, rule_name: str,
 
 def _split_shares(trace: Any, rule: Any, *, n_cal: int, repeats: int, epsilon: float, risk: str) -> dict[str, Any]:
     """Calibrate on a random part, measure accuracy gap and gap on the rest."""
-    import numpy as np
-
     import stopwise as sw
 
     acc_ok, gap_ok, certified = [], [], []
