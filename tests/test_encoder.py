@@ -79,6 +79,47 @@ def test_stopping_off_is_bit_identical_to_the_bare_model(clf, bbc):
             assert np.array_equal(pred.predictions, ref.argmax(dim=1).numpy())
 
 
+def test_fused_exit_head_equals_standardise_then_linear_and_follows_new_weights():
+    from stopwise.encoder.heads import ExitHeads
+
+    gen = torch.Generator().manual_seed(0)
+    heads = ExitHeads(2, 16, 3)
+    with torch.no_grad():
+        for buf in (heads.heads[1].mean, heads.heads[1].net.weight, heads.heads[1].net.bias):
+            buf.copy_(torch.randn(buf.shape, generator=gen))
+        heads.heads[1].scale.copy_(torch.rand(16, generator=gen) + 0.5)
+    x = torch.randn(5, 16, generator=gen)
+
+    def plain() -> torch.Tensor:
+        h = heads.heads[1]
+        return torch.nn.functional.linear((x - h.mean) / h.scale, h.net.weight, h.net.bias)
+
+    with torch.inference_mode():
+        assert torch.allclose(heads.logits(1, x), plain(), atol=1e-5)
+    with torch.no_grad():  # in-place changes (training, load_state_dict) invalidate the cached fusion
+        heads.heads[1].net.weight.mul_(-2.0)
+        heads.heads[1].scale.add_(1.0)
+    with torch.inference_mode():
+        assert torch.allclose(heads.logits(1, x), plain(), atol=1e-5)
+    other = ExitHeads(2, 16, 3)
+    heads.load_state_dict(other.state_dict())
+    with torch.inference_mode():
+        assert torch.allclose(heads.logits(1, x), plain(), atol=1e-5)
+    # With gradients on, the fusion is differentiable and nothing is cached.
+    heads.logits(1, x).sum().backward()
+    assert heads.heads[1].net.weight.grad is not None and heads.heads[1].net.weight.grad.abs().sum() > 0
+
+
+def test_mean_pooling_with_kept_weights_is_the_masked_mean():
+    from stopwise.encoder.backbone import mean_weights
+
+    hidden = torch.randn(3, 4, 8, generator=torch.Generator().manual_seed(1))
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0]])
+    expect = torch.stack([hidden[0].mean(0), hidden[1, :2].mean(0), hidden[2, 0]])
+    assert torch.allclose(pool(hidden, mask, "mean"), expect, atol=1e-6)
+    assert torch.equal(pool(hidden, mask, "mean", weights=mean_weights(mask, hidden.dtype)), pool(hidden, mask, "mean"))
+
+
 def test_exited_rows_leave_the_batch(clf, bbc, test_trace):
     lam = _lam_between_values(sw.MaxProb().z(test_trace)[:, 0])
     calls: list[int] = []

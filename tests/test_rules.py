@@ -8,7 +8,7 @@ from scipy.special import betainc
 
 import stopwise as sw
 from stopwise.rules import RULES, describe_rules, make_rule, rule_from_config
-from stopwise.trace import NO_ANSWER, Trace
+from stopwise.trace import NO_ANSWER, StageBatch, Trace
 
 # -- random traces for the property tests --------------------------------------------------
 
@@ -212,6 +212,16 @@ def test_stopper_rejects_wrong_batch_sizes_and_stage_order() -> None:
         stopper.step(t.stage(1))
     with pytest.raises(sw.StopwiseError, match="stage 1 next"):
         stopper.step(t.stage(0, np.array([1])))
+
+
+def test_stopper_never_fires_on_nan_or_an_infinite_threshold() -> None:
+    batch = StageBatch(index=0, predictions=np.zeros(3, dtype=np.int64),
+                       signals={"s": np.array([np.inf, np.nan, 0.5])})
+    rule = sw.Signal(signal="s")
+    # Per-row thresholds: +inf never fires, even at z = +inf; NaN never fires; 0.5 >= 0.4 does.
+    assert sw.Stopper(rule, 3, np.array([np.inf, 0.1, 0.4])).step(batch).tolist() == [False, False, True]
+    assert sw.Stopper(rule, 3, np.inf).step(batch).tolist() == [False, False, False]
+    assert sw.Stopper(rule, 3, np.inf).step(batch, last=True).tolist() == [True, True, True]
 
 
 def test_rules_need_their_inputs() -> None:

@@ -60,6 +60,7 @@ class BatchState:
     mask4d: Any  # what the layers take: a 4-D tensor, or None when no row is padded
     position_ids: torch.Tensor | None  # (1, T) for decoders
     position_embeddings: Any  # (cos, sin) for rotary decoders, else None
+    mean_weights: torch.Tensor | None = None  # (B, 1, T) for mean pooling, built once per batch shape
 
 
 class Backbone:
@@ -175,11 +176,21 @@ def _first(module: nn.Module, paths: tuple[str, ...]) -> Any:
     return None
 
 
-def pool(hidden: torch.Tensor, mask2d: torch.Tensor, how: str) -> torch.Tensor:
-    """(B, T, H) -> (B, H): mean over tokens, first token (CLS) or last real token."""
+def mean_weights(mask2d: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B, T) mask -> (B, 1, T): each row's 1 / (number of tokens) on its tokens, 0 on padding."""
+    m = mask2d.to(dtype)
+    return (m / m.sum(dim=1, keepdim=True).clamp(min=1.0)).unsqueeze(1)
+
+
+def pool(hidden: torch.Tensor, mask2d: torch.Tensor, how: str, *, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, T, H) -> (B, H): mean over tokens, first token (CLS) or last real token.
+
+    ``weights``: :func:`mean_weights` of ``mask2d``, when the caller keeps them across layers
+    (one batched matmul then pools, instead of five element-wise ops per layer).
+    """
     if how == "mean":
-        m = mask2d.unsqueeze(-1).to(hidden.dtype)
-        return (hidden * m).sum(dim=1) / m.sum(dim=1).clamp(min=1e-9)
+        w = mean_weights(mask2d, hidden.dtype) if weights is None else weights
+        return torch.bmm(w, hidden).squeeze(1)
     if how == "cls":
         return hidden[:, 0]
     if how == "last":

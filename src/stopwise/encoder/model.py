@@ -24,7 +24,7 @@ from torch.nn import functional as F
 from stopwise._errors import StopwiseError, check_choice, check_int
 from stopwise._version import __version__
 from stopwise.certificate import Certificate
-from stopwise.encoder.backbone import Backbone, BatchState, pool
+from stopwise.encoder.backbone import Backbone, BatchState, mean_weights, pool
 from stopwise.encoder.heads import HEAD_TYPES, ExitHeads, train_heads
 from stopwise.rules import Rule, make_rule
 from stopwise.trace import StageBatch, Trace
@@ -224,7 +224,10 @@ class EarlyExitClassifier:
 
     # -- features and training ---------------------------------------------------------------
     def _pooled(self, state: BatchState) -> torch.Tensor:
-        return pool(self.backbone.output(state), state.mask2d, self.pooling)
+        hidden = self.backbone.output(state)
+        if self.pooling == "mean" and state.mean_weights is None:
+            state.mean_weights = mean_weights(state.mask2d, hidden.dtype)
+        return pool(hidden, state.mask2d, self.pooling, weights=state.mean_weights)
 
     @torch.inference_mode()
     def features(self, texts: Any, *, batch_size: int = 32, progress: bool = True) -> torch.Tensor:

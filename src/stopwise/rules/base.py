@@ -226,9 +226,10 @@ class Stopper:
         with np.errstate(divide="ignore", invalid="ignore"):
             self.state, stat = self.rule.update(self.state, batch)
             z = self.rule.direction * np.asarray(stat, dtype=np.float64)
-        # nan_to_num also maps z = +inf to the largest float, so a threshold of +inf never fires.
         t = self.t if isinstance(self.t, float) else self.t[self.rows]
-        stop = (np.nan_to_num(z, nan=-np.inf) >= t) | np.asarray(last, dtype=bool)
+        # NaN never fires (the comparison is False), and a threshold of +inf never fires even
+        # when z = +inf; written without nan_to_num, which costs more than a layer's head at batch 1.
+        stop = (z >= t) & (t < np.inf) | np.asarray(last, dtype=bool)
         keep = ~stop
         self.state = self.rule.select_state(self.state, keep)
         self.rows = self.rows[keep]
