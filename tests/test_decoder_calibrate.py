@@ -90,6 +90,34 @@ def test_per_row_lams_equal_separate_decodes(kind):
     assert any(lcs_disagreement(o, full) > 0 for o in batch.extra_outputs[:-2])
 
 
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_exited_rows_leave_the_batch_for_the_layers_they_skip(kind):
+    bb = Backbone(tiny(kind))
+    eng = Engine(bb, heads_for(bb))
+    grid = grid_for(eng)
+    n = len(grid) + 1
+    rows_seen: dict[int, list[int]] = {i: [] for i in range(bb.n_layers)}
+
+    def hook(i: int):
+        def record(module, args, kwargs):
+            h = args[0] if args else kwargs["hidden_states"]
+            if h.shape[1] == 1:  # decode steps, not the prefill
+                rows_seen[i].append(h.shape[0])
+        return record
+
+    handles = [layer.register_forward_pre_hook(hook(i), with_kwargs=True) for i, layer in enumerate(bb.layers)]
+    try:
+        out = eng.early_exit([PROMPTS[0]] * n, max_new_tokens=NEW, rule=stopwise.MaxProb(), lams=[*grid, None])
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert max(rows_seen[0]) == n
+    # Once a row exits, the deeper layers run on fewer rows: real savings, not only accounting.
+    assert min(rows_seen[bb.n_layers - 1]) < n
+    assert sum(rows_seen[bb.n_layers - 1]) < sum(rows_seen[0])
+    assert out.extra_outputs[-1] == eng.full([PROMPTS[0]], max_new_tokens=NEW).extra_outputs[0]
+
+
 def test_per_row_lams_validation():
     bb = Backbone(tiny("llama"))
     eng = Engine(bb, heads_for(bb))

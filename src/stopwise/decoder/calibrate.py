@@ -29,14 +29,13 @@ model (``record(..., batched=False)`` does that, K sequential batch-1 decodes):
 - a row that has finished (EOS or budget) keeps being fed its own uncommitted predictions, which
   only grow its own cache; ``Rows.done`` keeps them out of its output, its cost and the exit
   statistics, and it cannot change any other row's tokens or exits;
-- a row that exits early gets its skipped layers' K/V from its exited state whether the other rows
-  still run those layers (``_overwrite_kv``) or not (all rows exited: the same ``_kv`` projections
-  fill the caches directly); both give the same values, and with the never-exiting row in the
-  batch the second case does not even occur.
+- a row that exits early leaves the batch for the layers it skips (they run on the rows still
+  going, ``Engine._layer_for_rows``) and gets those layers' K/V from its exited state, the same
+  ``_kv`` projections whether other rows still run the layers or all rows have exited.
 
 Only greedy decoding is batched this way (random draws would depend on the batch's composition),
 and that is what calibration uses. On a CPU a batch of K rows costs about one full-model decode
-plus the exit heads instead of K decodes.
+plus the exit heads instead of K decodes, less the layers that exited rows skip.
 """
 
 from __future__ import annotations

@@ -534,11 +534,11 @@ class Engine:
         prev = h
         start, used = 0, 0.0
         for stage, stop in enumerate([*exits, bb.n_layers]):
-            # Rows that exited earlier still need this block's K/V: computed from their exited state.
             for i in range(start, stop):
-                h = bb.run(h, state, start=i, stop=i + 1, positions=pos, emb=emb)
-                if not bool(active.all()):
-                    self._overwrite_kv(state, i, exit_h, ~active, emb)
+                if bool(active.all()):
+                    h = bb.run(h, state, start=i, stop=i + 1, positions=pos, emb=emb)
+                else:
+                    h = self._layer_for_rows(state, i, h, active, exit_h, pos, emb)
                 used += float(active.sum())
                 row_used += active
             start = stop
@@ -570,12 +570,35 @@ class Engine:
             nxt[rows_] = self._emit(exit_h[rows_, -1], int(layer), temperature, generator)
         return nxt, exit_at, used, row_used.tolist()
 
-    def _overwrite_kv(self, state: State, i: int, exit_h: torch.Tensor, rows: torch.Tensor, emb: Any) -> None:
-        """Replace the just-cached K/V of ``rows`` at layer i by those of their exited states."""
-        k, v = self.bb._kv(i, exit_h[rows], emb if emb is None else tuple(e[rows] for e in emb))
+    def _layer_for_rows(self, state: State, i: int, h: torch.Tensor, active: torch.Tensor, exit_h: torch.Tensor,
+                        pos: torch.Tensor, emb: Any) -> torch.Tensor:
+        """Layer i for the rows still running only, so exited rows cost nothing but their K/V.
+
+        The layer runs on a sub-batch whose cache is this layer's cache restricted to the running
+        rows (the model's own attention appends their new K/V to it); the exited rows' K/V for
+        this position come from their exited states (CALM's propagation, the K/V projections
+        only). Both are then appended to the whole batch's cache. Hidden states of exited rows
+        are left as they were: nothing reads them again.
+        """
+        bb = self.bb
+        rows, gone = active.nonzero().squeeze(1), (~active).nonzero().squeeze(1)
         layer = state.cache.layers[i]
-        layer.keys[rows, :, -1:] = k
-        layer.values[rows, :, -1:] = v
+        keys, values = layer.keys, layer.values
+        layer.keys, layer.values = keys.index_select(0, rows), values.index_select(0, rows)
+        try:
+            sub = State(cache=state.cache, attn=state.attn.index_select(0, rows))
+            h_rows = bb.run(h.index_select(0, rows), sub, start=i, stop=i + 1, positions=pos.index_select(0, rows),
+                            emb=None if emb is None else tuple(e.index_select(0, rows) for e in emb))
+            k_rows, v_rows = layer.keys[:, :, -1:], layer.values[:, :, -1:]
+        finally:
+            layer.keys, layer.values = keys, values
+        k_gone, v_gone = bb._kv(i, exit_h.index_select(0, gone),
+                                None if emb is None else tuple(e.index_select(0, gone) for e in emb))
+        new_k = keys.new_empty((keys.shape[0], *k_rows.shape[1:]))
+        new_v = values.new_empty((values.shape[0], *v_rows.shape[1:]))
+        new_k[rows], new_k[gone], new_v[rows], new_v[gone] = k_rows, k_gone, v_rows, v_gone
+        layer.keys, layer.values = torch.cat([keys, new_k], dim=-2), torch.cat([values, new_v], dim=-2)
+        return h.index_copy(0, rows, h_rows)
 
 
 def skip_schedule(*, n_layers: int, max_new_tokens: int, min_layer: int, max_layer: int | None = None) -> list[int]:
