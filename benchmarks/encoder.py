@@ -75,16 +75,18 @@ def _subsample(ts: Any, cap: int, seed: int) -> Any:
 
 
 def _time(clf: Any, enc: Any, batch: int, repeats: int, **kw: Any) -> tuple[float, float, Any]:
-    """Best-of-``repeats`` seconds of the full model and of early exit (``kw``), interleaved."""
-    full, early, pred = float("inf"), float("inf"), None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        clf.predict(enc, batch_size=batch)
-        full = min(full, time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        pred = clf.predict(enc, batch_size=batch, **kw)
-        early = min(early, time.perf_counter() - t0)
-    return full, early, pred
+    """Best-of-``repeats`` seconds of the full model and of early exit (``kw``), interleaved, the
+    order alternating (full first, then early first, ...) so that neither side always runs second."""
+    best = {"full": float("inf"), "early": float("inf")}
+    pred = None
+    for r in range(repeats):
+        for side in ("full", "early") if r % 2 == 0 else ("early", "full"):
+            t0 = time.perf_counter()
+            out = clf.predict(enc, batch_size=batch, **(kw if side == "early" else {}))
+            best[side] = min(best[side], time.perf_counter() - t0)
+            if side == "early":
+                pred = out
+    return best["full"], best["early"], pred
 
 
 def run_one(backbone: str, task: str, ts: Any, *, max_length: int, n_time32: int, n_time1: int, repeats: int,
