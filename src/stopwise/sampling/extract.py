@@ -134,7 +134,7 @@ class ChoiceExtractor:
         for part in ([tail] if tail is not None else []) + [text]:
             letters = [m for m in _LETTER.findall(part) if m in self.choices]
             if letters:
-                return letters[0] if part is tail else letters[-1]
+                return str(letters[0] if part is tail else letters[-1])
         return None
 
 

@@ -48,7 +48,7 @@ class LocalBackend:
                                 f"or a local model directory. Got {str(model)!r} instead.")
         self.model_name = str(model)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32).eval()  # type: ignore[no-untyped-call]
         self.chat = bool(chat) and getattr(self.tokenizer, "chat_template", None) is not None
         self.system = system
         self.max_batch_rows = int(max_batch_rows)

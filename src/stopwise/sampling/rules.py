@@ -112,7 +112,8 @@ def dirichlet_top_probability(counts: FloatArray, *, grid: int = 512) -> FloatAr
     for j in range(1, a.shape[1]):
         cdf *= gammainc(a[:, j : j + 1], x)
     out = np.trapezoid(pdf * cdf, x, axis=1)
-    return np.clip(out, 0.0, 1.0)
+    clipped: FloatArray = np.clip(out, 0.0, 1.0)
+    return clipped
 
 
 class DirichletPosterior(_History):
