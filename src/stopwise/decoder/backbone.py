@@ -150,7 +150,8 @@ class Backbone:
         return self.lm_head(self.norm(h))
 
     # -- CALM state propagation -------------------------------------------------------------
-    def propagate(self, h: torch.Tensor, state: State, *, start: int, positions: torch.Tensor) -> None:
+    def propagate(self, h: torch.Tensor, state: State, *, start: int, positions: torch.Tensor,
+                  emb: Any = None) -> None:
         """Fill the caches of layers ``start..N-1`` with K/V computed from the exited state ``h``.
 
         CALM (Schuster et al. 2022): a token that exits at layer L copies its hidden state to the
@@ -159,7 +160,7 @@ class Backbone:
         """
         if start >= self.n_layers:
             return
-        emb = self.rope(h, positions)
+        emb = self.rope(h, positions) if emb is None else emb
         for i in range(start, self.n_layers):
             k, v = self._kv(i, h, emb)
             state.cache.update(k, v, i)

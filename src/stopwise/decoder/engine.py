@@ -560,9 +560,7 @@ class Engine:
             prev = h
             if not bool(active.any()):
                 # Everyone left: propagate their states to the remaining layers (CALM).
-                for i in range(stop, bb.n_layers):
-                    k, v = bb._kv(i, exit_h, emb)
-                    state.cache.update(k, v, i)
+                bb.propagate(exit_h, state, start=stop, positions=pos, emb=emb)
                 break
         nxt = torch.empty(n, dtype=torch.long)
         for layer in exit_at.unique().tolist():
