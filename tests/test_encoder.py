@@ -147,6 +147,9 @@ def test_online_decisions_equal_offline_halts(clf, bbc, test_trace, rule_name):
         pred = clf.predict(bbc[1].texts, rule=rule.with_lam(lam), batch_size=16)
     assert np.array_equal(pred.exit_layer - 1, halts)
     assert np.array_equal(pred.predictions, test_trace.predictions_at(halts))
+    # The online head (folded weights, fetched once per call) is the recorded head at that layer;
+    # only the batch composition differs (16 rows here, 32 when recording), hence float32 tolerance.
+    np.testing.assert_allclose(pred.probs, test_trace.probs[np.arange(test_trace.n), halts], atol=2e-5)
     assert 1 < pred.exit_layer.mean() < clf.n_layers or rule_name == "patience"
 
 
@@ -226,6 +229,13 @@ def test_training_is_seeded_and_distillation_needs_no_labels(clf, bbc):
     c = EarlyExitClassifier(clf.model, clf.tokenizer, class_names=clf.class_names, base_name="minilm", head="mlp")
     c.fit(features=feats, labels=y, objective="both", optimizer="lbfgs", epochs=10)
     assert c.config()["head"] == "mlp"
+    # MLP heads take the module path online; it must give what recording gives.
+    texts = bbc[1].texts[:6]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        recorded = c.record(texts, progress=False)
+        online = c.predict(texts, rule=sw.Never(), batch_size=32, sort=False)
+    np.testing.assert_allclose(online.probs, recorded.probs[:, -1], atol=2e-5)
 
 
 def test_bad_inputs_get_clear_errors(clf):

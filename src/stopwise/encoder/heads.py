@@ -82,6 +82,14 @@ class ExitHeads(nn.Module):
         head = self.heads[layer]
         return head(pooled if pooled.dtype == head.mean.dtype else pooled.to(head.mean.dtype))
 
+    def folded(self) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        """Every linear head's folded (weight, bias), the tensors :meth:`logits` multiplies by; None
+        for MLP heads. Fetched once per inference call: at batch 1 the module call and cache check
+        of :meth:`logits` cost five times the matmul itself, after every layer."""
+        if self.kind != "linear":
+            return None
+        return [head._fused_linear() for head in self.heads]  # type: ignore[operator]
+
 
 def train_heads(
     heads: ExitHeads,

@@ -12,7 +12,7 @@ import hashlib
 import json
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -365,19 +365,36 @@ class EarlyExitClassifier:
         n_tokens = np.array([len(x) for x in enc.ids])
         from tqdm.auto import tqdm
 
+        head = self._head_fn()
         t0 = time.perf_counter()
         for rows, ids, mask in tqdm(list(self._batches(enc, batch_size, sort)), desc="predict", disable=not progress):
-            self._predict_batch(rows, ids, mask, stop_rule, preds, probs, exit_layer, trace_calls)
+            self._predict_batch(rows, ids, mask, stop_rule, head, (preds, probs, exit_layer), trace_calls)
         seconds = time.perf_counter() - t0
         per_row = exit_layer.astype(np.float64) if cost == "layers" else self._layer_flops(n_tokens) * exit_layer
         return Prediction(predictions=preds, probs=probs, exit_layer=exit_layer, cost=per_row,
                           class_names=self.class_names, seconds=seconds)
 
-    def _head(self, k: int, state: BatchState) -> np.ndarray:
-        return F.softmax(self.heads.logits(k, self._pooled(state)), dim=-1).double().numpy()
+    def _head_fn(self) -> Callable[[int, BatchState], np.ndarray]:
+        """Probabilities of head k on the batch, for one predict call. Linear heads multiply by
+        their folded weights directly (the same tensors and op as :meth:`ExitHeads.logits`, so
+        online and recorded probabilities agree bit for bit)."""
+        folded = self.heads.folded()
+        dtype = self.heads.heads[0].mean.dtype
+
+        def head(k: int, state: BatchState) -> np.ndarray:
+            pooled = self._pooled(state)
+            if folded is None:
+                logits = self.heads.logits(k, pooled)
+            else:
+                logits = F.linear(pooled if pooled.dtype == dtype else pooled.to(dtype), *folded[k])
+            return F.softmax(logits, dim=-1).double().numpy()
+
+        return head
 
     def _predict_batch(self, rows: np.ndarray, ids: torch.Tensor, mask: torch.Tensor, rule: Rule | None,
-                       preds: np.ndarray, probs: np.ndarray, exit_layer: np.ndarray, calls: list[int] | None) -> None:
+                       head: Callable[[int, BatchState], np.ndarray], out: tuple[np.ndarray, np.ndarray, np.ndarray],
+                       calls: list[int] | None) -> None:
+        preds, probs, exit_layer = out
         state = self.backbone.start(ids, mask)
         last = self.n_layers - 1
         stopper = None if rule is None else rule.stopper(len(rows))
@@ -388,7 +405,7 @@ class EarlyExitClassifier:
                 calls.append(len(live))
             if stopper is None and k < last:
                 continue  # full model: only the final head is read
-            p = self._head(k, state)
+            p = head(k, state)
             stop = np.ones(len(live), bool) if stopper is None else stopper.step(
                 StageBatch(index=k, predictions=p.argmax(axis=1), probs=p), last=k == last)
             if stop.any():

@@ -225,14 +225,25 @@ class Stopper:
             raise StopwiseError(f"Stopper.step expects stage {self.stage} next. Got stage {batch.index}.")
         with np.errstate(divide="ignore", invalid="ignore"):
             self.state, stat = self.rule.update(self.state, batch)
-            z = self.rule.direction * np.asarray(stat, dtype=np.float64)
-        t = self.t if isinstance(self.t, float) else self.t[self.rows]
-        # NaN never fires (the comparison is False), and a threshold of +inf never fires even
-        # when z = +inf; written without nan_to_num, which costs more than a layer's head at batch 1.
-        stop = (z >= t) & (t < np.inf) | np.asarray(last, dtype=bool)
-        keep = ~stop
-        self.state = self.rule.select_state(self.state, keep)
-        self.rows = self.rows[keep]
+        z = np.asarray(stat, dtype=np.float64)
+        if self.rule.direction < 0:
+            z = -z
+        # This runs after every layer of every batch, so it is written for batch 1, where each
+        # numpy call costs more than the arithmetic: NaN never fires (the comparison is False),
+        # a threshold of +inf never fires even when z = +inf, and nothing is copied when no row stops.
+        if isinstance(self.t, float):
+            stop = z >= self.t if self.t < np.inf else np.zeros(len(z), dtype=bool)
+        else:
+            t = self.t[self.rows]
+            stop = (z >= t) & (t < np.inf)
+        if last is True:
+            stop[:] = True
+        elif last is not False:
+            stop |= np.asarray(last, dtype=bool)
+        if stop.any():
+            keep = ~stop
+            self.state = self.rule.select_state(self.state, keep)
+            self.rows = self.rows[keep]
         self.stage += 1
         result: BoolArray = stop
         return result
