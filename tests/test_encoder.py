@@ -133,6 +133,33 @@ def test_exited_rows_leave_the_batch(clf, bbc, test_trace):
     assert np.array_equal(pred.cost, pred.exit_layer.astype(float))
 
 
+def test_survivors_of_several_batches_are_repacked_into_full_ones(clf, bbc, test_trace):
+    lam = _lam_between_values(sw.MaxProb().z(test_trace)[:, 0])
+    texts, rule = bbc[1].texts, sw.MaxProb(lam=lam)
+    runs = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for in_flight in (8, 64):  # one batch at a time, or up to eight advancing together
+            calls: list[int] = []
+            runs[in_flight] = (clf.predict(texts, rule=rule, batch_size=8, in_flight=in_flight, trace_calls=calls), calls)
+    (alone, calls_alone), (packed, calls_packed) = runs[8], runs[64]
+    assert np.array_equal(alone.exit_layer, packed.exit_layer) and np.array_equal(alone.predictions, packed.predictions)
+    np.testing.assert_allclose(alone.probs, packed.probs, atol=2e-5)
+    assert sum(calls_alone) == sum(calls_packed) == int(packed.exit_layer.sum())
+    # Same rows through the layers, in fewer calls: the 60 texts form one group, and at every
+    # layer its S running rows fill exactly ceil(S / 8) calls instead of straggling in part-empty batches.
+    assert len(calls_packed) < len(calls_alone)
+    at = 0
+    for k in range(clf.n_layers):
+        running = int((packed.exit_layer > k).sum())
+        n_calls = -(-running // 8)
+        assert sum(calls_packed[at : at + n_calls]) == running and max(calls_packed[at : at + n_calls], default=0) <= 8
+        at += n_calls
+    assert at == len(calls_packed)
+    with pytest.raises(sw.StopwiseError, match="'in_flight'"):
+        clf.predict(texts[:2], batch_size=8, in_flight=4)
+
+
 @pytest.mark.parametrize("rule_name", ["max_prob", "entropy", "patience"])
 def test_online_decisions_equal_offline_halts(clf, bbc, test_trace, rule_name):
     rule = sw.make_rule(rule_name)
@@ -289,6 +316,25 @@ def test_other_families_run_layer_by_layer_bit_identically(clf, family):
     assert torch.equal(torch.from_numpy(m.predict(texts, batch_size=8, sort=False).probs), ref)
     pred = m.predict(texts, rule=sw.MaxProb(lam=0.0))  # everyone exits at layer 1
     assert (pred.exit_layer == 1).all()
+    # Re-packing survivors of several batches (rotary tables and positions too, for decoders)
+    # decides as batches kept apart do.
+    more = [*texts, "shares rose", "the match ended in a draw after extra time", "a film review", "rain later",
+            "the minister resigned"]
+    z0 = sw.MaxProb().z(m.record(more, progress=False))[:, 0]
+    u = np.unique(z0)
+
+    def spread(lam: float) -> bool:  # layer-1 survivors (z < λ) sit in more batches of 2 than they need
+        rows = np.flatnonzero(z0 < lam)
+        return len(set(rows // 2)) > -(-len(rows) // 2)
+
+    lam = next(float(a + b) / 2 for a, b in zip(u[:-1], u[1:], strict=True) if spread(float(a + b) / 2))
+    calls: tuple[list[int], list[int]] = ([], [])
+    runs = [m.predict(more, rule=sw.MaxProb(lam=lam), batch_size=2, in_flight=f, sort=False, trace_calls=c)
+            for f, c in zip((2, 8), calls, strict=True)]
+    assert 1 < runs[1].exit_layer.max() and runs[1].exit_layer.min() == 1
+    assert len(calls[1]) < len(calls[0])  # the survivors were re-packed (8 texts, one group)
+    assert np.array_equal(runs[0].exit_layer, runs[1].exit_layer)
+    np.testing.assert_allclose(runs[0].probs, runs[1].probs, atol=1e-5)
 
 
 def test_smollm2_as_a_30_layer_classifier_backbone():

@@ -9,7 +9,8 @@ to ``model(input_ids, attention_mask).last_hidden_state``.
 
 Rows are right-padded. When rows leave the batch, :meth:`Backbone.select` index-selects the hidden
 states and the 2-D attention mask, trims padding columns no remaining row needs, and rebuilds the
-4-D mask: later layers really run on fewer rows and fewer columns.
+4-D mask: later layers really run on fewer rows and fewer columns. :meth:`Backbone.repack` merges
+the survivors of several batches into fewer, full ones.
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ class Backbone:
         self.layers = self._find(LAYER_PATHS, "layer stack", lambda m: isinstance(m, nn.ModuleList) and len(m) > 0)
         self.embeddings = self._find(EMBED_PATHS, "embedding module", lambda m: isinstance(m, nn.Module))
         self.norm = _first(base, NORM_PATHS) if self.decoder else None
-        self.rotary = getattr(base, "rotary_emb", None) if self.decoder else None
+        self.rotary: Any = getattr(base, "rotary_emb", None) if self.decoder else None
         if self.decoder and self.rotary is None:
             raise _unsupported(model_type, "no 'rotary_emb' module found")
         n_cfg = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layers", None)
@@ -166,6 +167,39 @@ class Backbone:
         if idx.numel():
             self._build_mask(new)
         return new
+
+
+    def repack(self, states: list[BatchState], keeps: list[torch.Tensor], batch_size: int) -> list[BatchState]:
+        """The kept rows of several batches (bool masks), in order, packed into batches of
+        ``batch_size``, each as wide as its longest row. Hidden states move as they are: a row's
+        padding columns are masked, so what they hold does not reach its real tokens."""
+        parts = [(st, keep.nonzero().flatten()) for st, keep in zip(states, keeps, strict=True)]
+        parts = [(st, idx) for st, idx in parts if idx.numel()]
+        if not parts:
+            return []
+        widest = max((st for st, _ in parts), key=lambda st: st.hidden.shape[1])
+        total = sum(idx.numel() for _, idx in parts)
+        hidden = widest.hidden.new_zeros((total, widest.hidden.shape[1], widest.hidden.shape[2]))
+        mask2d = widest.mask2d.new_zeros((total, widest.hidden.shape[1]))
+        at = 0
+        for st, idx in parts:
+            m, t = idx.numel(), st.hidden.shape[1]
+            hidden[at : at + m, :t] = st.hidden.index_select(0, idx)
+            mask2d[at : at + m, :t] = st.mask2d.index_select(0, idx)
+            at += m
+        out = []
+        for start in range(0, total, batch_size):
+            rows = mask2d[start : start + batch_size]
+            width = int(rows.sum(dim=1).max().item())
+            new = BatchState(
+                hidden=hidden[start : start + batch_size, :width], mask2d=rows[:, :width], mask4d=None,
+                position_ids=None if widest.position_ids is None else widest.position_ids[:, :width],
+                position_embeddings=None if widest.position_embeddings is None
+                else tuple(t[:, :width] for t in widest.position_embeddings),
+            )
+            self._build_mask(new)
+            out.append(new)
+        return out
 
 
 def _first(module: nn.Module, paths: tuple[str, ...]) -> Any:

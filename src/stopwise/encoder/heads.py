@@ -27,21 +27,31 @@ OPTIMIZERS = ("adam", "lbfgs")
 class ExitHead(nn.Module):
     """Standardise, then a linear layer or a one-hidden-layer MLP."""
 
+    mean: torch.Tensor
+    scale: torch.Tensor
+
     def __init__(self, hidden_size: int, n_classes: int, *, kind: str = "linear", mlp_hidden: int = 256) -> None:
         super().__init__()
         self.register_buffer("mean", torch.zeros(hidden_size))
         self.register_buffer("scale", torch.ones(hidden_size))
+        self.net: nn.Linear | nn.Sequential
         if kind == "linear":
-            self.net: nn.Module = nn.Linear(hidden_size, n_classes)
+            self.net = nn.Linear(hidden_size, n_classes)
         else:
             self.net = nn.Sequential(nn.Linear(hidden_size, mlp_hidden), nn.GELU(), nn.Linear(mlp_hidden, n_classes))
         self._fused: tuple[tuple[int, ...], torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def linears(self) -> list[nn.Linear]:
+        """The linear layers, input side first (one, or the MLP's two)."""
+        return [m for m in self.net.modules() if isinstance(m, nn.Linear)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if isinstance(self.net, nn.Linear):
             weight, bias = self._fused_linear()
             return F.linear(x, weight, bias)
-        return self.net((x - self.mean) / self.scale)
+        out: torch.Tensor = self.net((x - self.mean) / self.scale)
+        return out
 
     def _fused_linear(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The standardisation folded into the linear layer: W (x - m) / s + b = (W / s) x + (b - (W / s) m).
@@ -71,6 +81,7 @@ class ExitHeads(nn.Module):
         super().__init__()
         self.kind = check_choice(kind, "head", "EarlyExitClassifier", HEAD_TYPES)
         self.mlp_hidden = int(mlp_hidden)
+        self.n_classes = int(n_classes)
         self.heads = nn.ModuleList(
             [ExitHead(hidden_size, n_classes, kind=kind, mlp_hidden=mlp_hidden) for _ in range(n_layers)]
         )
@@ -78,9 +89,19 @@ class ExitHeads(nn.Module):
     def __len__(self) -> int:
         return len(self.heads)
 
-    def logits(self, layer: int, pooled: torch.Tensor) -> torch.Tensor:
+    def head(self, layer: int) -> ExitHead:
         head = self.heads[layer]
-        return head(pooled if pooled.dtype == head.mean.dtype else pooled.to(head.mean.dtype))
+        assert isinstance(head, ExitHead)
+        return head
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.head(0).mean.dtype
+
+    def logits(self, layer: int, pooled: torch.Tensor) -> torch.Tensor:
+        head = self.head(layer)
+        out: torch.Tensor = head(pooled if pooled.dtype == head.mean.dtype else pooled.to(head.mean.dtype))
+        return out
 
     def folded(self) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
         """Every linear head's folded (weight, bias), the tensors :meth:`logits` multiplies by; None
@@ -88,7 +109,7 @@ class ExitHeads(nn.Module):
         of :meth:`logits` cost five times the matmul itself, after every layer."""
         if self.kind != "linear":
             return None
-        return [head._fused_linear() for head in self.heads]  # type: ignore[operator]
+        return [self.head(k)._fused_linear() for k in range(len(self))]
 
 
 def train_heads(
@@ -174,7 +195,7 @@ def _per_layer(logits: torch.Tensor, hard: torch.Tensor | None, soft: torch.Tens
 
 def _init(shape: tuple[int, ...], fan_in: int, gen: torch.Generator) -> torch.Tensor:
     bound = 1.0 / fan_in**0.5
-    return (torch.rand(shape, generator=gen) * 2 - 1) * bound
+    return (torch.rand(shape, generator=gen) * 2 - 1) * float(bound)
 
 
 def _fit_stack(heads: ExitHeads, layers: list[int], x_all: torch.Tensor, *, hard: torch.Tensor | None,
@@ -186,7 +207,7 @@ def _fit_stack(heads: ExitHeads, layers: list[int], x_all: torch.Tensor, *, hard
     scale = x.std(dim=0).clamp(min=1e-6)
     x = (x - mean) / scale
     n, nl, hid = x.shape
-    c = heads.heads[0].net.out_features if heads.kind == "linear" else heads.heads[0].net[-1].out_features
+    c = heads.n_classes
     # Weights drawn from our own generator so training never depends on the global RNG.
     if heads.kind == "linear":
         params = [_init((nl, hid, c), hid, gen), torch.zeros(nl, c)]
@@ -227,15 +248,11 @@ def _fit_stack(heads: ExitHeads, layers: list[int], x_all: torch.Tensor, *, hard
                 adam.step()
     with torch.no_grad():
         for j, k in enumerate(layers):
-            head = heads.heads[k]
+            head = heads.head(k)
             head.mean.copy_(mean[j])
             head.scale.copy_(scale[j])
-            if heads.kind == "linear":
-                head.net.weight.copy_(params[0][j].T)
-                head.net.bias.copy_(params[1][j])
-            else:
-                head.net[0].weight.copy_(params[0][j].T)
-                head.net[0].bias.copy_(params[1][j])
-                head.net[2].weight.copy_(params[2][j].T)
-                head.net[2].bias.copy_(params[3][j])
+            # params alternate weight (l, in, out), bias (l, out), one pair per linear layer.
+            for lin, weight, bias in zip(head.linears, params[0::2], params[1::2], strict=True):
+                lin.weight.copy_(weight[j].T)
+                lin.bias.copy_(bias[j])
         return _per_layer(forward(x), hard, soft, temperature)

@@ -271,12 +271,15 @@ class EarlyExitClassifier:
     @torch.inference_mode()
     def probs_from_features(self, features: torch.Tensor) -> np.ndarray:
         """(n, L, C) float32 probabilities of every head on cached features."""
-        return np.stack([F.softmax(self.heads.logits(k, features[:, k]), dim=-1).numpy() for k in range(self.n_layers)], axis=1)
+        out: np.ndarray = np.stack([F.softmax(self.heads.logits(k, features[:, k]), dim=-1).numpy()
+                                    for k in range(self.n_layers)], axis=1)
+        return out
 
     def _layer_flops(self, n_tokens: np.ndarray) -> np.ndarray:
         """Approximate FLOPs of one layer per row: weights (2 per parameter per token) + attention."""
         t = n_tokens.astype(np.float64)
-        return (2.0 * self._layer_params * t + 4.0 * t * t * self.hidden_size) / 1e9
+        flops: np.ndarray = (2.0 * self._layer_params * t + 4.0 * t * t * self.hidden_size) / 1e9
+        return flops
 
     def trace_from_features(self, features: torch.Tensor, labels: Any = None, *, n_tokens: np.ndarray | None = None,
                             cost: str = "layers", meta: dict[str, Any] | None = None) -> Trace:
@@ -347,29 +350,40 @@ class EarlyExitClassifier:
 
     @torch.inference_mode()
     def predict(self, texts: Any, *, rule: Any = None, certificate: Certificate | None = None, batch_size: int = 32,
-                cost: str = "layers", sort: bool = True, progress: bool = False, trace_calls: list[int] | None = None) -> Prediction:
+                in_flight: int | None = None, cost: str = "layers", sort: bool = True, progress: bool = False,
+                trace_calls: list[int] | None = None) -> Prediction:
         """Classify with early exit: after each layer the rule's online stopper decides for the rows
         still running; rows that stop leave the batch. ``rule=None`` runs the full model.
 
-        ``trace_calls``, if given, receives the number of rows each layer call ran on.
+        ``batch_size`` rows go through a layer per call. Up to ``in_flight`` rows (default
+        4 × ``batch_size``) advance layer by layer together, and when exits leave their batches
+        part-empty, the survivors are re-packed into fewer full batches: a layer on a few rows
+        costs far more per row than on a full batch, so without re-packing the last rows of each
+        batch would eat much of what early exit saves. ``trace_calls``, if given, receives the
+        number of rows each layer call ran on.
         """
         self._require_fitted()
         cost = check_choice(cost, "cost", "EarlyExitClassifier.predict", COSTS)
         batch_size = check_int(batch_size, "batch_size", "predict", minimum=1)
+        in_flight = 4 * batch_size if in_flight is None else check_int(in_flight, "in_flight", "predict", minimum=batch_size)
         stop_rule = self._stopper_rule(rule, certificate)
         enc = self.tokenize(texts)
         n, c = len(enc), len(self.class_names)
-        preds = np.empty(n, dtype=np.int64)
-        probs = np.empty((n, c), dtype=np.float64)
-        exit_layer = np.empty(n, dtype=np.int64)
+        out = (np.empty(n, dtype=np.int64), np.empty((n, c), dtype=np.float64), np.empty(n, dtype=np.int64))
         n_tokens = np.array([len(x) for x in enc.ids])
         from tqdm.auto import tqdm
 
         head = self._head_fn()
         t0 = time.perf_counter()
-        for rows, ids, mask in tqdm(list(self._batches(enc, batch_size, sort)), desc="predict", disable=not progress):
-            self._predict_batch(rows, ids, mask, stop_rule, head, (preds, probs, exit_layer), trace_calls)
+        batches = list(self._batches(enc, batch_size, sort))
+        per_group = in_flight // batch_size
+        with tqdm(total=n, desc="predict", disable=not progress) as bar:
+            for g in range(0, len(batches), per_group):
+                group = batches[g : g + per_group]
+                self._predict_group(group, stop_rule, head, out, batch_size, trace_calls)
+                bar.update(sum(len(rows) for rows, _, _ in group))
         seconds = time.perf_counter() - t0
+        preds, probs, exit_layer = out
         per_row = exit_layer.astype(np.float64) if cost == "layers" else self._layer_flops(n_tokens) * exit_layer
         return Prediction(predictions=preds, probs=probs, exit_layer=exit_layer, cost=per_row,
                           class_names=self.class_names, seconds=seconds)
@@ -379,7 +393,7 @@ class EarlyExitClassifier:
         their folded weights directly (the same tensors and op as :meth:`ExitHeads.logits`, so
         online and recorded probabilities agree bit for bit)."""
         folded = self.heads.folded()
-        dtype = self.heads.heads[0].mean.dtype
+        dtype = self.heads.dtype
 
         def head(k: int, state: BatchState) -> np.ndarray:
             pooled = self._pooled(state)
@@ -391,32 +405,48 @@ class EarlyExitClassifier:
 
         return head
 
-    def _predict_batch(self, rows: np.ndarray, ids: torch.Tensor, mask: torch.Tensor, rule: Rule | None,
+    def _predict_group(self, group: list[tuple[np.ndarray, torch.Tensor, torch.Tensor]], rule: Rule | None,
                        head: Callable[[int, BatchState], np.ndarray], out: tuple[np.ndarray, np.ndarray, np.ndarray],
-                       calls: list[int] | None) -> None:
+                       batch_size: int, calls: list[int] | None) -> None:
+        """Batches advancing layer by layer together; one stopper over all their rows, which sees
+        them in the order of ``lives`` concatenated (kept through every select and re-pack)."""
         preds, probs, exit_layer = out
-        state = self.backbone.start(ids, mask)
+        states = [self.backbone.start(ids, mask) for _, ids, mask in group]
+        lives = [np.asarray(rows) for rows, _, _ in group]
         last = self.n_layers - 1
-        stopper = None if rule is None else rule.stopper(len(rows))
-        live = np.asarray(rows)
+        stopper = None if rule is None else rule.stopper(sum(len(live) for live in lives))
         for k in range(self.n_layers):
-            self.backbone.layer(k, state)
-            if calls is not None:
-                calls.append(len(live))
+            for state, live in zip(states, lives, strict=True):
+                self.backbone.layer(k, state)
+                if calls is not None:
+                    calls.append(len(live))
             if stopper is None and k < last:
                 continue  # full model: only the final head is read
-            p = head(k, state)
-            stop = np.ones(len(live), bool) if stopper is None else stopper.step(
+            p = np.concatenate([head(k, state) for state in states])
+            live_all = np.concatenate(lives)
+            stop = np.ones(len(live_all), bool) if stopper is None else stopper.step(
                 StageBatch(index=k, predictions=p.argmax(axis=1), probs=p), last=k == last)
-            if stop.any():
-                out = live[stop]
-                preds[out], probs[out], exit_layer[out] = p[stop].argmax(axis=1), p[stop], k + 1
             if stop.all():
+                preds[live_all], probs[live_all], exit_layer[live_all] = p.argmax(axis=1), p, k + 1
                 return
             if stop.any():
-                keep = torch.as_tensor(~stop)
-                state = self.backbone.select(state, keep)
-                live = live[~stop]
+                gone = live_all[stop]
+                preds[gone], probs[gone], exit_layer[gone] = p[stop].argmax(axis=1), p[stop], k + 1
+                states, lives = self._shrink(states, lives, ~stop, batch_size)
+
+    def _shrink(self, states: list[BatchState], lives: list[np.ndarray], keep: np.ndarray,
+                batch_size: int) -> tuple[list[BatchState], list[np.ndarray]]:
+        """Drop the rows that stopped; re-pack the rest when they fit in fewer batches."""
+        bounds = np.cumsum([0] + [len(live) for live in lives])
+        keeps = [keep[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+        n_keep = int(keep.sum())
+        if -(-n_keep // batch_size) < sum(1 for m in keeps if m.any()):
+            survivors = np.concatenate(lives)[keep]
+            packed = self.backbone.repack(states, [torch.as_tensor(m) for m in keeps], batch_size)
+            return packed, [survivors[i : i + batch_size] for i in range(0, n_keep, batch_size)]
+        pairs = [(state if m.all() else self.backbone.select(state, torch.as_tensor(m)), live[m])
+                 for state, live, m in zip(states, lives, keeps, strict=True) if m.any()]
+        return [s for s, _ in pairs], [live for _, live in pairs]
 
     # -- persistence -------------------------------------------------------------------------
     def config(self) -> dict[str, Any]:
