@@ -168,7 +168,6 @@ class Backbone:
             self._build_mask(new)
         return new
 
-
     def repack(self, states: list[BatchState], keeps: list[torch.Tensor], batch_size: int) -> list[BatchState]:
         """The kept rows of several batches (bool masks), in order, packed into batches of
         ``batch_size``, each as wide as its longest row. Hidden states move as they are: a row's
@@ -187,19 +186,12 @@ class Backbone:
             hidden[at : at + m, :t] = st.hidden.index_select(0, idx)
             mask2d[at : at + m, :t] = st.mask2d.index_select(0, idx)
             at += m
-        out = []
-        for start in range(0, total, batch_size):
-            rows = mask2d[start : start + batch_size]
-            width = int(rows.sum(dim=1).max().item())
-            new = BatchState(
-                hidden=hidden[start : start + batch_size, :width], mask2d=rows[:, :width], mask4d=None,
-                position_ids=None if widest.position_ids is None else widest.position_ids[:, :width],
-                position_embeddings=None if widest.position_embeddings is None
-                else tuple(t[:, :width] for t in widest.position_embeddings),
-            )
-            self._build_mask(new)
-            out.append(new)
-        return out
+        # One right-padded batch of all survivors, cut into batches by select (which trims each
+        # to its widest row and slices the rotary tables, as when rows leave a single batch).
+        merged = BatchState(hidden=hidden, mask2d=mask2d, mask4d=None, position_ids=widest.position_ids,
+                            position_embeddings=widest.position_embeddings)
+        return [self.select(merged, torch.arange(start, min(start + batch_size, total)))
+                for start in range(0, total, batch_size)]
 
 
 def _first(module: nn.Module, paths: tuple[str, ...]) -> Any:
