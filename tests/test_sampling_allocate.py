@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -205,8 +207,112 @@ def test_bad_parameters_raise_clear_errors(kwargs: dict[str, Any], match: str) -
 def test_empty_questions_and_backends_without_generate() -> None:
     with pytest.raises(StopwiseError, match="'questions' parameter of DifficultyAllocator.run"):
         DifficultyAllocator(CallableBackend(Dist({})), total_samples=5).run([])
-    with pytest.raises(StopwiseError, match="no synchronous batched 'generate'"):
+    with pytest.raises(StopwiseError, match="'questions' parameter of DifficultyAllocator.arun"):
+        DifficultyAllocator(CallableBackend(Dist({})), total_samples=5).arun_sync([])
+    with pytest.raises(StopwiseError, match="neither a batched 'generate' nor an asynchronous 'agenerate'"):
         DifficultyAllocator(object(), total_samples=5)
+
+    class AsyncOnly:
+        async def agenerate(self, prompt: str, **kwargs: Any) -> list[Completion]:
+            return [Completion(text="Answer: 1", n_tokens=1)] * kwargs["n"]
+
+    class SyncOnly:
+        def generate(self, prompts: Sequence[str], **kwargs: Any) -> list[list[Completion]]:
+            return [[Completion(text="Answer: 1", n_tokens=1)] * kwargs["n"] for _ in prompts]
+
+    with pytest.raises(StopwiseError, match="AsyncOnly has no batched 'generate'; use arun"):
+        DifficultyAllocator(AsyncOnly(), total_samples=5).run(["q"])
+    assert DifficultyAllocator(AsyncOnly(), total_samples=5).arun_sync(["q"]).reasons == ["unanimous"]
+    with pytest.raises(StopwiseError, match="SyncOnly has no asynchronous 'agenerate'; use run"):
+        DifficultyAllocator(SyncOnly(), total_samples=5).arun_sync(["q"])
+    with pytest.raises(StopwiseError, match="'concurrency' parameter of DifficultyAllocator.arun must be an int >= 1"):
+        DifficultyAllocator(AsyncOnly(), total_samples=5).arun_sync(["q"], concurrency=0)
+
+
+# -- asynchronous: one request per question and round, all in flight together ----------------------
+
+
+class Gauge:
+    """An async sampling callable over :class:`Dist` that logs the requests in flight at once."""
+
+    def __init__(self, dists: dict[str, dict[str | None, float]], *, fail: str | None = None) -> None:
+        self.model = Dist(dists)
+        self.fail = fail
+        self.in_flight = 0
+        self.peak = 0
+        self.requests: list[tuple[str, int]] = []
+        self.cancelled = 0
+
+    async def __call__(self, prompt: str, *, n: int, temperature: float, max_tokens: int, seed: int) -> list[Completion]:
+        self.requests.append((prompt, n))
+        self.in_flight += 1
+        self.peak = max(self.peak, self.in_flight)
+        try:
+            if prompt == self.fail:
+                raise StopwiseError("endpoint down")
+            # The later in a round, the sooner done: answers arrive out of question order.
+            await asyncio.sleep(0.002 * (50 - len(self.requests) % 50))
+            return self.model(prompt, n=n, temperature=temperature, max_tokens=max_tokens, seed=seed)
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        finally:
+            self.in_flight -= 1
+
+
+@pytest.mark.parametrize("total", [90, 200, 480])
+def test_arun_allocates_as_run_does(total: int) -> None:
+    qs, dists = mixed(10)
+    sync, model, _ = run(qs, dists, total_samples=total, pre=3, max_samples=16, seed=2)
+    gauge = Gauge(dists)
+    alloc = DifficultyAllocator(CallableBackend(gauge), total_samples=total, pre=3, max_samples=16,
+                                seed=2).arun_sync(qs, concurrency=8)
+    assert [r.answers for r in alloc.results] == [r.answers for r in sync.results]
+    assert [r.answer for r in alloc.results] == [r.answer for r in sync.results]
+    assert (alloc.reasons, alloc.spent, alloc.rounds) == (sync.reasons, sync.spent, sync.rounds)
+    # Pre-sampling is one request per question; then one per open question and round.
+    assert gauge.requests[: len(qs)] == [(q.prompt, 3) for q in qs]
+    drawn = Counter[str]()
+    for prompt, n in gauge.requests:
+        drawn[prompt] += n
+    assert [drawn[q.prompt] for q in qs] == [r.n_samples for r in alloc.results]
+    assert 1 < gauge.peak <= 8 and gauge.in_flight == 0
+    assert sum(n for _, n in gauge.requests) == alloc.spent
+
+
+def test_arun_keeps_at_most_concurrency_requests_in_flight() -> None:
+    qs, dists = mixed(4)
+    for limit in (1, 3):
+        gauge = Gauge(dists)
+        DifficultyAllocator(CallableBackend(gauge), total_samples=100).arun_sync(qs, concurrency=limit)
+        assert gauge.peak == limit
+
+
+def test_arun_failure_cancels_the_rest_of_its_round() -> None:
+    qs, dists = mixed(4)
+    gauge = Gauge(dists, fail=qs[0].prompt)
+    with pytest.raises(StopwiseError, match="endpoint down"):
+        DifficultyAllocator(CallableBackend(gauge), total_samples=100).arun_sync(qs, concurrency=12)
+    # The first request fails at once: the round's other requests, still running, are cancelled
+    # rather than left to finish.
+    assert gauge.in_flight == 0 and gauge.cancelled == len(qs) - 1
+    assert len(gauge.requests) == len(qs)  # no later round was started
+
+
+def test_arun_over_http() -> None:
+    from stopwise.sampling import HTTPBackend
+    from test_sampling import Stub
+
+    with Stub([]) as stub:
+        backend = HTTPBackend(stub.url, retries=0, max_n=4)
+        alloc = DifficultyAllocator(backend, total_samples=14, pre=3, max_samples=6, window=2,
+                                    seed=4).arun_sync(["a", "b", "c"], concurrency=3)
+    # The stub answers 0, 1, 2, ... to every request: every question stays split until the budget ends.
+    assert [b["n"] for b in stub.bodies[:3]] == [3, 3, 3]
+    assert alloc.spent == 14 == sum(b["n"] for b in stub.bodies) and alloc.reasons == ["budget"] * 3
+    assert sorted(r.n_samples for r in alloc.results) == [4, 5, 5]
+    seeds = {b["seed"] for b in stub.bodies}
+    assert len(seeds) == len(stub.bodies)  # each window has its own seed
 
 
 def test_cli_run_with_total_samples(tmp_path: Path, capsys: pytest.CaptureFixture[str],

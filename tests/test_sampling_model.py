@@ -61,6 +61,7 @@ def test_disabled_stopping_gives_the_bare_models_samples(backend: Any) -> None:
 
 
 def test_sampler_over_the_real_server(backend: Any) -> None:
+    from stopwise.sampling import DifficultyAllocator
     from stopwise.sampling.server import ServerThread, create_app
 
     app = create_app(backend, model_name="smollm2", max_n=4, max_tokens=16)
@@ -74,6 +75,13 @@ def test_sampler_over_the_real_server(backend: Any) -> None:
             assert 1 <= r.n_samples <= 4 and len(r.answers) == r.n_samples
             assert r.answer is None or r.answer in r.answers
         assert app.state.requests <= 8  # bounded: at most max_samples requests per question
+        # DSC's allocation over the endpoint: a round's windows requested together.
+        before = app.state.requests
+        alloc = DifficultyAllocator(http, total_samples=6, pre=2, max_samples=4, window=2,
+                                    max_tokens=8).arun_sync(QUESTIONS, concurrency=2)
+        assert alloc.spent == sum(r.n_samples for r in alloc.results) <= 6
+        assert all(len(r.answers) == r.n_samples >= 2 for r in alloc.results)
+        assert 2 <= app.state.requests - before <= 4  # pre-samples, then at most one window each
         with pytest.raises(EndpointError, match="HTTP 400"):
             HTTPBackend(server.url, max_n=8, retries=0).generate(["hi"], n=6, max_tokens=4)
         # DEER through /v1/completions with logprobs.

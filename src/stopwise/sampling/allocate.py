@@ -12,7 +12,9 @@ budget over a *set* of questions instead of one question at a time:
    ``max_samples``, or the budget ``total_samples`` is spent.
 
 Neither the budget nor any question's ``max_samples`` is ever exceeded: a window is cut to what is
-left. Each round draws one batched backend call per distinct window size. The paper ranks
+left. Each round draws one batched backend call per distinct window size (:meth:`run`), or, with
+an endpoint, one request per question of the round, all in flight together (:meth:`arun`): the
+same plan, so the same samples from a backend that answers by seed. The paper ranks
 questions by an LLM-judged prior before any sampling and searches the easy/hard boundary in that
 ranking; here difficulty comes from the pre-samples, so every question costs at least ``pre``.
 :class:`~stopwise.sampling.rules.DifficultyAdaptive` is the per-question version of the same
@@ -21,9 +23,10 @@ idea for :class:`~stopwise.sampling.sampler.AdaptiveSampler`.
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -33,7 +36,7 @@ from stopwise.sampling.data import Question
 from stopwise.sampling.extract import Extractor, make_extractor, safe_extract
 from stopwise.sampling.rules import beta_leader_probability
 from stopwise.sampling.sampler import QuestionResult, _Tally, check_questions, draw, summarise
-from stopwise.sampling.types import prompt_seed
+from stopwise.sampling.types import Completion, prompt_seed
 
 #: Why a question stopped: pre-samples agreed, the Beta criterion held, it reached
 #: ``max_samples``, or the total budget ran out first.
@@ -95,13 +98,24 @@ def _unanimous(answers: Sequence[str | None]) -> bool:
     return answers[0] is not None and all(a == answers[0] for a in answers)
 
 
+@dataclass
+class _State:
+    """One run's tallies, stop reasons by question, samples spent and rounds drawn."""
+
+    tallies: list[_Tally]
+    reasons: dict[int, str] = field(default_factory=dict)
+    spent: int = 0
+    rounds: int = 0
+
+
 class DifficultyAllocator:
     """Difficulty-adaptive self-consistency over a set of questions under a total sample budget.
 
     Args:
-        backend: anything with a synchronous batched ``generate`` (the local HF backend,
+        backend: anything with a batched ``generate`` for :meth:`run` (the local HF backend,
             :class:`~stopwise.sampling.backends.HTTPBackend`,
-            :class:`~stopwise.sampling.backends.CallableBackend`).
+            :class:`~stopwise.sampling.backends.CallableBackend`) or an awaitable ``agenerate``
+            for :meth:`arun` (HTTPBackend, CallableBackend).
         total_samples: the budget over all questions of one :meth:`run`; at least ``pre`` per question.
         pre: pre-samples per question; a question whose ``pre`` samples agree is settled.
         max_samples: the most samples one question may get.
@@ -118,8 +132,9 @@ class DifficultyAllocator:
                  lam: float = 0.95, extract: str | Extractor = "number", temperature: float = 0.7,
                  max_tokens: int = 96, vote: str = "majority", seed: int = 0) -> None:
         owner = "DifficultyAllocator"
-        if not callable(getattr(backend, "generate", None)):
-            raise StopwiseError(f"The backend {type(backend).__name__} has no synchronous batched 'generate'.")
+        if not any(callable(getattr(backend, m, None)) for m in ("generate", "agenerate")):
+            raise StopwiseError(f"The backend {type(backend).__name__} has neither a batched 'generate' nor an "
+                                "asynchronous 'agenerate'.")
         self.backend = backend
         self.total_samples = check_int(total_samples, "total_samples", owner, minimum=1)
         self.pre = check_int(pre, "pre", owner, minimum=1)
@@ -133,36 +148,102 @@ class DifficultyAllocator:
         self.seed = int(seed)
 
     def run(self, questions: Sequence[Question | str]) -> Allocation:
+        """Allocate the budget, each round's windows drawn by one batched ``generate`` per window size."""
+        if not callable(getattr(self.backend, "generate", None)):
+            raise StopwiseError(f"The backend {type(self.backend).__name__} has no batched 'generate'; use arun().")
         qs = check_questions(questions, "DifficultyAllocator.run")
-        need = check_budget(self.total_samples, pre=self.pre, n_questions=len(qs))
-        tallies = [_Tally(self.weighted) for _ in qs]
-        self._draw(qs, tallies, list(range(len(qs))), self.pre)
-        spent, rounds = need, 1
-        reasons = {i: "unanimous" for i, t in enumerate(tallies) if _unanimous(t.answers)}
+        state = self._start(qs)
+        for draws in self._rounds(qs, state):
+            for rows, n in draws:
+                self._draw(qs, state.tallies, rows, n)
+        return self._finish(qs, state)
+
+    def arun_sync(self, questions: Sequence[Question | str], *, concurrency: int = 8) -> Allocation:
+        """:meth:`arun` from synchronous code."""
+        return asyncio.run(self.arun(questions, concurrency=concurrency))
+
+    async def arun(self, questions: Sequence[Question | str], *, concurrency: int = 8) -> Allocation:
+        """Allocate the budget as :meth:`run` does, each round's windows requested together (at most
+        ``concurrency`` in flight): an endpoint serves a round in about the time of its slowest window
+        instead of one request after another. A failed request cancels the rest of its round."""
+        if not callable(getattr(self.backend, "agenerate", None)):
+            raise StopwiseError(f"The backend {type(self.backend).__name__} has no asynchronous 'agenerate'; use run().")
+        qs = check_questions(questions, "DifficultyAllocator.arun")
+        gate = asyncio.Semaphore(check_int(concurrency, "concurrency", "DifficultyAllocator.arun", minimum=1))
+        client = self.backend.client() if hasattr(self.backend, "client") else None
+        try:
+            state = self._start(qs)
+            for draws in self._rounds(qs, state):
+                jobs = [(i, n) for rows, n in draws for i in rows]
+                tasks = [asyncio.ensure_future(self._adraw(qs[i], state.tallies[i], n, gate, client)) for i, n in jobs]
+                try:
+                    outs = await asyncio.gather(*tasks)
+                finally:  # on a failure, the round's other requests are not left running
+                    for task in tasks:
+                        task.cancel()
+                    await asyncio.gather(*tasks, return_exceptions=True)
+                # Tallied in question order once the round is in: completion order must not change results.
+                for (i, _), comps in zip(jobs, outs, strict=True):
+                    self._tally(state.tallies[i], comps)
+            return self._finish(qs, state)
+        finally:
+            if client is not None:
+                await client.aclose()
+
+    # -- the rounds, shared by run and arun --------------------------------------------------------
+    def _start(self, qs: Sequence[Question]) -> _State:
+        check_budget(self.total_samples, pre=self.pre, n_questions=len(qs))
+        return _State(tallies=[_Tally(self.weighted) for _ in qs])
+
+    def _rounds(self, qs: Sequence[Question], state: _State) -> Iterator[list[tuple[list[int], int]]]:
+        """Yield each round's draws as (questions, window size) groups; the caller draws them into
+        ``state.tallies`` before resuming, and the next round is planned on what came back."""
+        yield [(list(range(len(qs))), self.pre)]
+        state.spent, state.rounds = self.pre * len(qs), 1
+        state.reasons.update({i: "unanimous" for i, t in enumerate(state.tallies) if _unanimous(t.answers)})
         while True:
-            self._close(tallies, reasons)
-            open_ = [i for i in range(len(qs)) if i not in reasons]
-            if not open_ or spent >= self.total_samples:
+            self._close(state.tallies, state.reasons)
+            open_ = [i for i in range(len(qs)) if i not in state.reasons]
+            if not open_ or state.spent >= self.total_samples:
                 break
-            plan = self._plan(open_, tallies, self.total_samples - spent)
-            for size in sorted(set(plan.values())):
-                self._draw(qs, tallies, [i for i, m in plan.items() if m == size], size)
-            spent += sum(plan.values())
-            rounds += 1
+            plan = self._plan(open_, state.tallies, self.total_samples - state.spent)
+            yield [([i for i, m in plan.items() if m == size], size) for size in sorted(set(plan.values()))]
+            state.spent += sum(plan.values())
+            state.rounds += 1
         for i in open_:
-            reasons[i] = "budget"
-        results = [self._result(q, t, reasons[i]) for i, (q, t) in enumerate(zip(qs, tallies, strict=True))]
-        return Allocation(results=results, reasons=[reasons[i] for i in range(len(qs))],
-                          total_samples=self.total_samples, spent=spent, rounds=rounds, max_samples=self.max_samples)
+            state.reasons[i] = "budget"
+
+    def _finish(self, qs: Sequence[Question], state: _State) -> Allocation:
+        reasons = [state.reasons[i] for i in range(len(qs))]
+        results = [self._result(q, t, r) for q, t, r in zip(qs, state.tallies, reasons, strict=True)]
+        return Allocation(results=results, reasons=reasons, total_samples=self.total_samples, spent=state.spent,
+                          rounds=state.rounds, max_samples=self.max_samples)
+
+    def _seed(self, q: Question, tally: _Tally) -> int:
+        # Keyed by the index of a window's first sample: independent of which questions share the call.
+        return prompt_seed(self.seed, f"{q.id}:{len(tally.answers)}")
 
     def _draw(self, qs: Sequence[Question], tallies: Sequence[_Tally], rows: Sequence[int], n: int) -> None:
-        # Seeds keyed by the index of a window's first sample: independent of which questions share the call.
-        seeds = [prompt_seed(self.seed, f"{qs[i].id}:{len(tallies[i].answers)}") for i in rows]
-        outs = draw(self.backend, [qs[i].prompt for i in rows], n=n, seeds=seeds, temperature=self.temperature,
-                    max_tokens=self.max_tokens)
+        outs = draw(self.backend, [qs[i].prompt for i in rows], n=n, seeds=[self._seed(qs[i], tallies[i]) for i in rows],
+                    temperature=self.temperature, max_tokens=self.max_tokens)
         for i, comps in zip(rows, outs, strict=True):
-            for c in comps:
-                tallies[i].add(safe_extract(self.extractor, c.text), c)
+            self._tally(tallies[i], comps)
+
+    async def _adraw(self, q: Question, tally: _Tally, n: int, gate: asyncio.Semaphore, client: Any) -> list[Completion]:
+        kwargs: dict[str, Any] = {"n": n, "temperature": self.temperature, "max_tokens": self.max_tokens,
+                                  "seed": self._seed(q, tally)}
+        if client is not None:
+            kwargs["client"] = client
+        async with gate:
+            comps: list[Completion] = await self.backend.agenerate(q.prompt, **kwargs)
+        if len(comps) != n:
+            raise StopwiseError(f"The backend must return {n} completions for the prompt of question {q.id!r}; "
+                                f"it returned {len(comps)}.")
+        return comps
+
+    def _tally(self, tally: _Tally, comps: Sequence[Completion]) -> None:
+        for c in comps:
+            tally.add(safe_extract(self.extractor, c.text), c)
 
     def _close(self, tallies: Sequence[_Tally], reasons: dict[int, str]) -> None:
         """Mark the open questions whose Beta criterion holds, or that have ``max_samples``."""

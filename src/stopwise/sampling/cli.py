@@ -103,7 +103,7 @@ def _run_budget(args: argparse.Namespace) -> int:
                                     lam=0.95 if args.lam is None else args.lam, extract=args.extract,
                                     temperature=args.temperature, max_tokens=args.max_tokens, vote=args.vote,
                                     seed=args.seed)
-    allocation = allocator.run(questions)
+    allocation = allocator.arun_sync(questions) if args.endpoint else allocator.run(questions)
     _print_results(questions, allocation.results)
     print(json.dumps({"summary": allocation.summary()}), file=sys.stderr)
     return 0
