@@ -66,11 +66,17 @@ class ValidityResult:
 def risk_of(cert: Certificate, trace: Trace, risk: Risk) -> float:
     """The certified rule's risk on ``trace`` (selective: among inputs stopped early)."""
     halts = cert.make_rule().halts(trace)
-    loss = risk.loss_matrix(trace)[np.arange(trace.n), halts]
-    if risk.selective:
-        early = halts < trace.lengths - 1
-        return float(loss[early].mean()) if early.any() else 0.0
-    return float(loss.mean())
+    return _realised(risk.loss_matrix(trace), halts, trace.lengths, selective=risk.selective)
+
+
+def _realised(loss: np.ndarray, halts: np.ndarray, lengths: np.ndarray, *, selective: bool) -> float:
+    """Mean loss at the stages where the rows halt; a selective risk averages over the rows that
+    stopped early only (0 when none did)."""
+    at_halt = loss[np.arange(len(halts)), halts]
+    if selective:
+        early = halts < lengths - 1
+        return float(at_halt[early].mean()) if early.any() else 0.0
+    return float(at_halt.mean())
 
 
 class _Population:
@@ -84,15 +90,11 @@ class _Population:
 
     def risk(self, cert: Certificate) -> float:
         rule = cert.make_rule()
-        if cert.certified and cert.thresholds is None:
+        if cert.certified and cert.thresholds is None:  # one λ: reuse the precomputed statistic
             halts = halts_from_z(self.z, self.trace.lengths, rule.threshold())
         else:
             halts = rule.halts(self.trace)
-        loss = self.loss[np.arange(self.trace.n), halts]
-        if self.selective:
-            early = halts < self.trace.lengths - 1
-            return float(loss[early].mean()) if early.any() else 0.0
-        return float(loss.mean())
+        return _realised(self.loss, halts, self.trace.lengths, selective=self.selective)
 
 
 def population_repeats(pool: Trace, population: Trace, rule: Rule, *, n_cal: int, repeats: int, epsilon: float,
