@@ -77,6 +77,8 @@ def full_demo(max_length: int, plot: Path | None, threads: int) -> int:
     prep = recipes.prepare(data, max_length=max_length)
     clf = prep.clf
     cal, test = prep.trace("cal"), prep.trace("test")
+    if cal.labels is None or test.labels is None:  # bbc_news() is labelled: the recipe changed under us
+        raise sw.StopwiseError("The demo's traces have no labels to measure accuracy against.")
     _say(f"Exit heads trained on {len(prep.splits['train'])} articles; final-head accuracy per layer on calibration: "
          f"{np.round((cal.predictions == cal.labels[:, None]).mean(axis=0), 3).tolist()}")
     rule = sw.MaxProb()

@@ -119,7 +119,8 @@ class Decoder:
             raise StopwiseError(f"The 'temperature' parameter of generate must be a float >= 0. Got {temperature!r} instead.")
         batch = isinstance(prompt, list) and bool(prompt) and all(isinstance(p, (str, list)) for p in prompt) \
             and not all(isinstance(p, dict) for p in prompt)
-        prompts = [self.encode(p) for p in (prompt if batch else [prompt])]  # type: ignore[union-attr]
+        items: list[Any] = list(prompt) if batch else [prompt]
+        prompts = [self.encode(p) for p in items]
         generator = torch.Generator(device=self.backbone.lm_head.weight.device).manual_seed(int(seed)) if temperature > 0 else None
         callback = None
         if on_token is not None:

@@ -13,7 +13,7 @@ layer would have cached, computed from the exited hidden state with that layer's
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -104,9 +104,9 @@ class Backbone:
     # -- pieces ---------------------------------------------------------------------------
     def embed(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         if self.family == "llama":
-            return self.inner.embed_tokens(ids)
+            return cast(torch.Tensor, self.inner.embed_tokens(ids))
         h = self.inner.wte(ids) + self.inner.wpe(positions)
-        return self.inner.drop(h)
+        return cast(torch.Tensor, self.inner.drop(h))
 
     def rope(self, h: torch.Tensor, positions: torch.Tensor) -> Any:
         if self.family != "llama":
@@ -144,10 +144,10 @@ class Backbone:
             out = layer(h, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True, position_embeddings=emb)
         else:
             out = layer(h, cache, mask, None, use_cache=True, position_ids=positions)
-        return out[0] if isinstance(out, tuple) else out
+        return cast(torch.Tensor, out[0] if isinstance(out, tuple) else out)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.norm(h))
+        return cast(torch.Tensor, self.lm_head(self.norm(h)))
 
     # -- CALM state propagation -------------------------------------------------------------
     def propagate(self, h: torch.Tensor, state: State, *, start: int, positions: torch.Tensor,

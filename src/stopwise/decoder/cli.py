@@ -88,8 +88,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     dec = _setup(args, heads=False)
     layers = [int(x) for x in args.layers.split(",")] if args.layers else None
-    def log(msg):
-        return (print(msg, file=sys.stderr))
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr)
     seqs = training_sequences(dec, n_prompts=args.prompts, generate_tokens=args.generate_tokens,
                               news_articles=args.news_articles)
     heads = train_heads(dec.backbone, seqs, layers=layers, rank=args.rank, draft_vocab_size=args.draft_vocab,

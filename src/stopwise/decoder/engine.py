@@ -204,12 +204,12 @@ class Engine:
         assert self.heads is not None
         v = self.heads.draft_vocab.numel() if reduced and self.heads.draft_vocab is not None else self.bb.vocab_size
         full = self.bb.n_layers * self.layer_params + self.head_params
-        return (layer * self.layer_params + v * self.bb.hidden_size) / full
+        return float((layer * self.layer_params + v * self.bb.hidden_size) / full)
 
     def expected_speedup(self, alpha: float, gamma: float, cost: float) -> float:
         """LayerSkip/Leviathan: (1 - a^(g+1)) / ((1 - a)(g c + 1))."""
         alpha = min(max(alpha, 1e-6), 1 - 1e-6)
-        return (1 - alpha ** (gamma + 1)) / ((1 - alpha) * (gamma * cost + 1))
+        return float((1 - alpha ** (gamma + 1)) / ((1 - alpha) * (gamma * cost + 1)))
 
     @torch.inference_mode()
     def speculative(self, prompts: list[list[int]], *, max_new_tokens: int, exit_layer: int | None = None,
@@ -332,10 +332,10 @@ class Engine:
         probe_hi = [x for x in (probe or []) if x > layer]
         start, hi_states = layer, {}
         emb = bb.rope(hv, pos)
-        for stop in [*probe_hi, bb.n_layers]:
-            hv = bb.run(hv, state, start=start, stop=stop, positions=pos, emb=emb)
-            hi_states[stop] = hv
-            start = stop
+        for end in [*probe_hi, bb.n_layers]:
+            hv = bb.run(hv, state, start=start, stop=end, positions=pos, emb=emb)
+            hi_states[end] = hv
+            start = end
         target_logits = bb.logits(hv[:, m - 1:])  # (n, k+1, V): position m-1 predicts the first draft
         new, n_acc = self._verify(target_logits, drafts, qs, reduced, temperature, generator)
         # Keep the cache of what every row accepted; rows that accepted more re-feed the rest next step.
@@ -563,7 +563,7 @@ class Engine:
                 bb.propagate(exit_h, state, start=stop, positions=pos, emb=emb)
                 break
         nxt = torch.empty(n, dtype=torch.long)
-        for layer in exit_at.unique().tolist():
+        for layer in torch.unique(exit_at).tolist():
             rows_ = (exit_at == layer).nonzero().squeeze(1)
             nxt[rows_] = self._emit(exit_h[rows_, -1], int(layer), temperature, generator)
         return nxt, exit_at, used, row_used.tolist()

@@ -17,7 +17,7 @@ import hashlib
 import json
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -62,7 +62,7 @@ class LowRank(nn.Module):
         nn.init.zeros_(self.up.weight)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return h + self.up(self.down(h))
+        return cast(torch.Tensor, h + self.up(self.down(h)))
 
 
 class ExitHeads(nn.Module):
@@ -100,7 +100,7 @@ class ExitHeads(nn.Module):
             self._draft_weight: torch.Tensor | None = None
             self._draft_bias: torch.Tensor | None = None
             return
-        ids = torch.as_tensor(ids, dtype=torch.long).unique()
+        ids = torch.unique(torch.as_tensor(ids, dtype=torch.long))
         if ids.numel() < 2 or int(ids.max()) >= bb.vocab_size or int(ids.min()) < 0:
             raise StopwiseError(f"The draft vocabulary must hold >= 2 token ids in [0, {bb.vocab_size}).")
         self.draft_vocab = ids.to(bb.lm_head.weight.device)
@@ -126,7 +126,7 @@ class ExitHeads(nn.Module):
             x = bb.norm(self.adapt(h, layer))
         if reduced and self._draft_weight is not None:
             return nn.functional.linear(x, self._draft_weight, self._draft_bias)
-        return bb.lm_head(x)
+        return cast(torch.Tensor, bb.lm_head(x))
 
     def to_token_ids(self, index: torch.Tensor, *, reduced: bool) -> torch.Tensor:
         """Map column indices of :meth:`logits` back to token ids."""

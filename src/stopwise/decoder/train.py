@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -68,7 +68,7 @@ def draft_vocabulary(counts: torch.Tensor, size: int, *, always: Sequence[int] =
     size = min(size, counts.numel())
     top = torch.topk(counts.to(torch.float64) + 1e-9 * torch.rand(counts.numel(), generator=torch.Generator().manual_seed(0)),
                      size).indices
-    return torch.cat([top, torch.tensor(list(always), dtype=torch.long)]).unique()
+    return cast(torch.Tensor, torch.unique(torch.cat([top, torch.tensor(list(always), dtype=torch.long)])))
 
 
 def train_heads(backbone: Backbone, sequences: Sequence[Sequence[int]], *, layers: list[int] | None = None,
@@ -123,7 +123,7 @@ def _fit_adapter(heads: ExitHeads, layer: int, h: torch.Tensor, final: torch.Ten
                 t = torch.log_softmax(heads.logits(final[idx], n_final, reduced=True).float(), dim=-1)
             loss = (t.exp() * (t - logp)).sum(-1).mean()
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]
             opt.step()
 
 
