@@ -210,6 +210,24 @@ def test_certificate_drives_predict_and_refuses_other_heads(clf, bbc, test_trace
         clf.predict(bbc[1].texts[:2], certificate=cert, rule=sw.MaxProb(lam=0.5))
 
 
+def test_heads_changed_in_place_no_longer_match_their_certificate(clf, bbc, test_trace):
+    cert = clf.calibrate(test_trace, "max_prob", epsilon=0.15, delta=0.2)
+    before = clf.heads_id  # kept between predict calls: the edit below must still be seen
+    weight = clf.heads.heads[0].net.weight
+    saved = weight.detach().clone()
+    try:
+        with torch.no_grad():
+            weight[0, 0] += 1.0
+        assert clf.heads_id != before
+        with pytest.raises(sw.StopwiseError, match="heads"):
+            clf.predict(bbc[1].texts[:2], certificate=cert)
+    finally:
+        with torch.no_grad():
+            weight.copy_(saved)
+    assert clf.heads_id == before
+    clf.predict(bbc[1].texts[:2], certificate=cert)
+
+
 def test_save_and_load_round_trip(clf, bbc, tmp_path, test_trace):
     clf.certificate = sw.calibrate(test_trace, sw.MaxProb(), epsilon=0.15, delta=0.2)
     out = clf.save_pretrained(tmp_path / "heads")

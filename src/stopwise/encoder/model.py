@@ -161,11 +161,21 @@ class EarlyExitClassifier:
 
     @property
     def heads_id(self) -> str:
+        """A hash of the heads' weights, checked against a certificate on every predict call: at
+        batch 1 hashing them each time cost about as much as a layer, so the hash is kept until a
+        head tensor changes (in-place version counters and storage, as for the folded weights)."""
+        tensors = [*self.heads.parameters(), *self.heads.buffers()]
+        key = (id(self.heads), *(t._version for t in tensors), *(t.data_ptr() for t in tensors))
+        cached = getattr(self, "_heads_id", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
         h = hashlib.sha256()
         for name, t in sorted(self.heads.state_dict().items()):
             h.update(name.encode())
             h.update(t.detach().contiguous().numpy().tobytes())
-        return h.hexdigest()[:16]
+        digest = h.hexdigest()[:16]
+        self._heads_id = (key, digest)
+        return digest
 
     def identity(self) -> dict[str, Any]:
         """What traces and certificates record about this computation."""
