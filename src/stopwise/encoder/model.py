@@ -128,6 +128,7 @@ class EarlyExitClassifier:
         self.fitted = False
         self.certificate: Certificate | None = None
         self.training_info: dict[str, Any] = {}
+        self._heads_id: tuple[tuple[int, ...], str] | None = None
         self.base_id = f"{self.backbone.model_type}-{self.n_layers}x{self.hidden_size}-{_fingerprint_model(model)}"
         self._layer_params = sum(p.numel() for p in self.backbone.layers[0].parameters())
 
@@ -166,9 +167,8 @@ class EarlyExitClassifier:
         head tensor changes (in-place version counters and storage, as for the folded weights)."""
         tensors = [*self.heads.parameters(), *self.heads.buffers()]
         key = (id(self.heads), *(t._version for t in tensors), *(t.data_ptr() for t in tensors))
-        cached = getattr(self, "_heads_id", None)
-        if cached is not None and cached[0] == key:
-            return cached[1]
+        if self._heads_id is not None and self._heads_id[0] == key:
+            return self._heads_id[1]
         h = hashlib.sha256()
         for name, t in sorted(self.heads.state_dict().items()):
             h.update(name.encode())
