@@ -98,18 +98,8 @@ def _time_rows(clf: Any, enc: Any, repeats: int, **kw: Any) -> tuple[float, floa
     costing a whole pass, which made single 30-layer rows read ±6% apart between runs."""
     from stopwise.encoder.model import Encoded
 
-    full = np.full(len(enc), np.inf)
-    early = np.full(len(enc), np.inf)
-    for i, ids in enumerate(enc.ids):
-        one = Encoded([ids])
-        for r in range(repeats):
-            for side in ("full", "early") if r % 2 == 0 else ("early", "full"):
-                t0 = time.perf_counter()
-                clf.predict(one, batch_size=1, **(kw if side == "early" else {}))
-                seconds = time.perf_counter() - t0
-                best = full if side == "full" else early
-                best[i] = min(best[i], seconds)
-    return float(full.sum()), float(early.sum()), clf.predict(enc, batch_size=1, **kw)
+    best = np.array([_time(clf, Encoded([ids]), 1, repeats, **kw)[:2] for ids in enc.ids])
+    return float(best[:, 0].sum()), float(best[:, 1].sum()), clf.predict(enc, batch_size=1, **kw)
 
 
 def run_one(backbone: str, task: str, ts: Any, *, max_length: int, n_time32: int, n_time1: int, repeats: int,

@@ -11,6 +11,7 @@ FastBERT's self-distillation, no labels needed once the final head exists) or ``
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -23,6 +24,13 @@ HEAD_TYPES = ("linear", "mlp")
 OBJECTIVES = ("labels", "distill", "both")
 OPTIMIZERS = ("adam", "lbfgs")
 
+
+
+def tensors_key(tensors: Iterable[torch.Tensor]) -> tuple[int, ...]:
+    """Changes whenever one of ``tensors`` is modified in place (its version counter) or replaced
+    (its storage): the cache key of values derived from weights."""
+    ts = list(tensors)
+    return (*(t._version for t in ts), *(t.data_ptr() for t in ts))
 
 class ExitHead(nn.Module):
     """Standardise, then a linear layer or a one-hidden-layer MLP."""
@@ -63,8 +71,7 @@ class ExitHead(nn.Module):
         """
         lin = self.net
         assert isinstance(lin, nn.Linear)
-        tensors = (lin.weight, lin.bias, self.mean, self.scale)
-        key = tuple(t._version for t in tensors) + tuple(t.data_ptr() for t in tensors)
+        key = tensors_key((lin.weight, lin.bias, self.mean, self.scale))
         if self._fused is not None and self._fused[0] == key and not torch.is_grad_enabled():
             return self._fused[1], self._fused[2]
         weight = lin.weight / self.scale

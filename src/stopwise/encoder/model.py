@@ -25,7 +25,7 @@ from stopwise._errors import StopwiseError, check_choice, check_int
 from stopwise._version import __version__
 from stopwise.certificate import Certificate
 from stopwise.encoder.backbone import Backbone, BatchState, mean_weights, pool
-from stopwise.encoder.heads import HEAD_TYPES, ExitHeads, train_heads
+from stopwise.encoder.heads import HEAD_TYPES, ExitHeads, tensors_key, train_heads
 from stopwise.rules import Rule, make_rule
 from stopwise.trace import StageBatch, Trace
 
@@ -165,8 +165,7 @@ class EarlyExitClassifier:
         """A hash of the heads' weights, checked against a certificate on every predict call: at
         batch 1 hashing them each time cost about as much as a layer, so the hash is kept until a
         head tensor changes (in-place version counters and storage, as for the folded weights)."""
-        tensors = [*self.heads.parameters(), *self.heads.buffers()]
-        key = (id(self.heads), *(t._version for t in tensors), *(t.data_ptr() for t in tensors))
+        key = (id(self.heads), *tensors_key([*self.heads.parameters(), *self.heads.buffers()]))
         if self._heads_id is not None and self._heads_id[0] == key:
             return self._heads_id[1]
         h = hashlib.sha256()
