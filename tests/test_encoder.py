@@ -79,6 +79,44 @@ def test_stopping_off_is_bit_identical_to_the_bare_model(clf, bbc):
             assert np.array_equal(pred.predictions, ref.argmax(dim=1).numpy())
 
 
+def test_stopping_off_at_batch_1_is_bit_identical_to_the_bare_model_on_each_text(clf, bbc):
+    # Unpadded batches take shortcuts (the remembered "no mask needed", the filled mean weights);
+    # the second call takes them from what the first one remembered.
+    texts = bbc[1].texts[20:23]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(2):
+            for text in texts:
+                pred = clf.predict([text], batch_size=1)
+                assert torch.equal(torch.from_numpy(pred.probs), _bare_final_probs(clf, [text]))
+
+
+def test_mean_weights_of_an_unpadded_batch_are_the_divided_ones():
+    from stopwise.encoder.backbone import mean_weights
+
+    for width in range(1, 513):
+        mask = torch.ones((2, width), dtype=torch.long)
+        assert torch.equal(mean_weights(mask, torch.float32, unpadded=True), mean_weights(mask, torch.float32))
+    half = torch.ones((1, 7), dtype=torch.long)  # other dtypes take the general path
+    assert torch.equal(mean_weights(half, torch.float16, unpadded=True), mean_weights(half, torch.float16))
+
+
+def test_heads_state_key_sees_every_tensor_and_every_change():
+    from stopwise.encoder.heads import ExitHeads
+
+    for kind in ("linear", "mlp"):
+        heads = ExitHeads(3, 8, 2, kind=kind)
+        expected = [*heads.parameters(), *heads.buffers()]
+        assert len(heads.tensors()) == len(expected) and {id(t) for t in heads.tensors()} == {id(t) for t in expected}
+        key = heads.state_key()
+        with torch.no_grad():
+            heads.heads[2].mean.add_(1.0)
+        assert heads.state_key() != key
+        key = heads.state_key()
+        heads.heads[0].scale = torch.ones(8)  # a replaced buffer, not an in-place edit
+        assert heads.state_key() != key
+
+
 def test_fused_exit_head_equals_standardise_then_linear_and_follows_new_weights():
     from stopwise.encoder.heads import ExitHeads
 
@@ -101,6 +139,12 @@ def test_fused_exit_head_equals_standardise_then_linear_and_follows_new_weights(
         heads.heads[1].scale.add_(1.0)
     with torch.inference_mode():
         assert torch.allclose(heads.logits(1, x), plain(), atol=1e-5)
+        folded = heads.folded()  # what predict multiplies by, kept under one key for all heads
+        assert folded is not None and torch.allclose(torch.nn.functional.linear(x, *folded[1]), plain(), atol=1e-5)
+        with torch.no_grad():
+            heads.heads[1].net.bias.add_(3.0)
+        folded = heads.folded()
+        assert folded is not None and torch.allclose(torch.nn.functional.linear(x, *folded[1]), plain(), atol=1e-5)
     other = ExitHeads(2, 16, 3)
     heads.load_state_dict(other.state_dict())
     with torch.inference_mode():

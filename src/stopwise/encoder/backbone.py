@@ -19,6 +19,7 @@ import inspect
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -62,6 +63,7 @@ class BatchState:
     position_ids: torch.Tensor | None  # (1, T) for decoders
     position_embeddings: Any  # (cos, sin) for rotary decoders, else None
     mean_weights: torch.Tensor | None = None  # (B, 1, T) for mean pooling, built once per batch shape
+    unpadded: bool = False  # no row has padding (known once the 4-D mask is built)
 
 
 class Backbone:
@@ -93,6 +95,7 @@ class Backbone:
             raise _unsupported(model_type, "config has no hidden size")
         self.hidden_size = int(hidden)
         self._embed_params = set(inspect.signature(self.embeddings.forward).parameters)
+        self._maskless: set[tuple[Any, ...]] = set()
 
     def _find(self, paths: tuple[str, ...], what: str, ok: Any) -> Any:
         for path in paths:
@@ -123,6 +126,16 @@ class Backbone:
         return state
 
     def _build_mask(self, state: BatchState) -> None:
+        # A batch without padding often needs no mask at all (SDPA); whether it does depends only
+        # on its shape and the model's settings, so the answer is remembered: at batch 1 asking
+        # transformers again costs as much as an exit head. Only "no mask" is kept (a set of
+        # shapes, never a tensor), and a batch with padding asks transformers as before.
+        key = (*state.hidden.shape[:2], state.hidden.dtype, state.hidden.device,
+               getattr(self.config, "_attn_implementation", None))
+        state.unpadded = unpadded = bool(state.mask2d.all())
+        if unpadded and key in self._maskless:
+            state.mask4d = None
+            return
         from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
 
         if self.decoder:
@@ -134,6 +147,8 @@ class Backbone:
             state.mask4d = create_bidirectional_mask(
                 config=self.config, inputs_embeds=state.hidden, attention_mask=state.mask2d,
             )
+        if unpadded and state.mask4d is None:
+            self._maskless.add(key)
 
     def layer(self, index: int, state: BatchState) -> None:
         """Run layer ``index`` in place on the batch."""
@@ -202,8 +217,16 @@ def _first(module: nn.Module, paths: tuple[str, ...]) -> Any:
     return None
 
 
-def mean_weights(mask2d: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(B, T) mask -> (B, 1, T): each row's 1 / (number of tokens) on its tokens, 0 on padding."""
+def mean_weights(mask2d: torch.Tensor, dtype: torch.dtype, *, unpadded: bool = False) -> torch.Tensor:
+    """(B, T) mask -> (B, 1, T): each row's 1 / (number of tokens) on its tokens, 0 on padding.
+
+    ``unpadded`` (every row has T tokens, as the caller knows from building the mask): one fill
+    instead of four ops, which at batch 1 is most of what pooling costs. In float32 the fill value
+    is the same correctly rounded 1 / T that the division below gives, so the weights are equal.
+    """
+    if unpadded and dtype == torch.float32:
+        b, t = mask2d.shape
+        return torch.full((b, 1, t), float(np.float32(1.0) / np.float32(t)), dtype=dtype, device=mask2d.device)
     m = mask2d.to(dtype)
     return (m / m.sum(dim=1, keepdim=True).clamp(min=1.0)).unsqueeze(1)
 

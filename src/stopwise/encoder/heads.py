@@ -92,6 +92,7 @@ class ExitHeads(nn.Module):
         self.heads = nn.ModuleList(
             [ExitHead(hidden_size, n_classes, kind=kind, mlp_hidden=mlp_hidden) for _ in range(n_layers)]
         )
+        self._folded: tuple[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]] | None = None
 
     def __len__(self) -> int:
         return len(self.heads)
@@ -110,13 +111,32 @@ class ExitHeads(nn.Module):
         out: torch.Tensor = head(pooled if pooled.dtype == head.mean.dtype else pooled.to(head.mean.dtype))
         return out
 
-    def folded(self) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    def tensors(self) -> list[torch.Tensor]:
+        """Every parameter and buffer, read from the modules' own tables: ``parameters()`` builds
+        qualified names and costs more than an exit head, on every batch-1 predict call."""
+        out: list[torch.Tensor] = []
+        _collect(self, out)
+        return out
+
+    def state_key(self) -> tuple[int, ...]:
+        """Changes whenever a head tensor is edited in place or replaced (see :func:`tensors_key`)."""
+        return tensors_key(self.tensors())
+
+    def folded(self, key: tuple[int, ...] | None = None) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
         """Every linear head's folded (weight, bias), the tensors :meth:`logits` multiplies by; None
         for MLP heads. Fetched once per inference call: at batch 1 the module call and cache check
-        of :meth:`logits` cost five times the matmul itself, after every layer."""
+        of :meth:`logits` cost five times the matmul itself, after every layer. The list is kept
+        under one key for all heads (:meth:`state_key`, or ``key`` when the caller already has it),
+        so a call checks it once, not once per head."""
         if self.kind != "linear":
             return None
-        return [self.head(k)._fused_linear() for k in range(len(self))]
+        key = self.state_key() if key is None else key
+        if self._folded is not None and self._folded[0] == key and not torch.is_grad_enabled():
+            return self._folded[1]
+        out = [self.head(k)._fused_linear() for k in range(len(self))]
+        if not torch.is_grad_enabled():
+            self._folded = (key, out)
+        return out
 
 
 def train_heads(
@@ -263,3 +283,10 @@ def _fit_stack(heads: ExitHeads, layers: list[int], x_all: torch.Tensor, *, hard
                 lin.weight.copy_(weight[j].T)
                 lin.bias.copy_(bias[j])
         return _per_layer(forward(x), hard, soft, temperature)
+
+
+def _collect(module: nn.Module, out: list[torch.Tensor]) -> None:
+    out += [t for t in (*module._parameters.values(), *module._buffers.values()) if t is not None]
+    for child in module._modules.values():
+        if child is not None:
+            _collect(child, out)

@@ -25,7 +25,7 @@ from stopwise._errors import StopwiseError, check_choice, check_int
 from stopwise._version import __version__
 from stopwise.certificate import Certificate
 from stopwise.encoder.backbone import Backbone, BatchState, mean_weights, pool
-from stopwise.encoder.heads import HEAD_TYPES, ExitHeads, tensors_key, train_heads
+from stopwise.encoder.heads import HEAD_TYPES, ExitHeads, train_heads
 from stopwise.rules import Rule, make_rule
 from stopwise.trace import StageBatch, Trace
 
@@ -165,7 +165,10 @@ class EarlyExitClassifier:
         """A hash of the heads' weights, checked against a certificate on every predict call: at
         batch 1 hashing them each time cost about as much as a layer, so the hash is kept until a
         head tensor changes (in-place version counters and storage, as for the folded weights)."""
-        key = (id(self.heads), *tensors_key([*self.heads.parameters(), *self.heads.buffers()]))
+        return self._heads_digest(self.heads.state_key())
+
+    def _heads_digest(self, state_key: tuple[int, ...]) -> str:
+        key = (id(self.heads), *state_key)
         if self._heads_id is not None and self._heads_id[0] == key:
             return self._heads_id[1]
         h = hashlib.sha256()
@@ -218,24 +221,24 @@ class EarlyExitClassifier:
     def _batches(self, enc: Encoded, batch_size: int, sort: bool) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor]]:
         """Right-padded batches; sorted by length so little compute goes to padding."""
         n = len(enc)
-        order = np.argsort([-len(x) for x in enc.ids], kind="stable") if sort else np.arange(n)
+        order = np.argsort([-len(x) for x in enc.ids], kind="stable") if sort and n > 1 else np.arange(n)
         pad = self.tokenizer.pad_token_id
         pad = 0 if pad is None else int(pad)
         for start in range(0, n, batch_size):
             rows = order[start : start + batch_size]
-            width = max(len(enc.ids[i]) for i in rows)
-            ids = torch.full((len(rows), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(rows), width), dtype=torch.long)
-            for j, i in enumerate(rows):
-                ids[j, : len(enc.ids[i])] = torch.tensor(enc.ids[i], dtype=torch.long)
-                mask[j, : len(enc.ids[i])] = 1
+            seqs = [list(enc.ids[i]) for i in rows]
+            width = max(len(s) for s in seqs)
+            # Padded in Python, then one tensor each: per-row tensor writes cost more than a
+            # head at batch 1.
+            ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs], dtype=torch.long)
+            mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], dtype=torch.long)
             yield rows, ids, mask
 
     # -- features and training ---------------------------------------------------------------
     def _pooled(self, state: BatchState) -> torch.Tensor:
         hidden = self.backbone.output(state)
         if self.pooling == "mean" and state.mean_weights is None:
-            state.mean_weights = mean_weights(state.mask2d, hidden.dtype)
+            state.mean_weights = mean_weights(state.mask2d, hidden.dtype, unpadded=state.unpadded)
         return pool(hidden, state.mask2d, self.pooling, weights=state.mean_weights)
 
     @torch.inference_mode()
@@ -331,9 +334,12 @@ class EarlyExitClassifier:
 
     def check_certificate(self, certificate: Certificate) -> None:
         """Refuse a certificate made for another base model or another head set."""
+        self._check_certificate(certificate, self.heads_id)
+
+    def _check_certificate(self, certificate: Certificate, heads_id: str) -> None:
         if certificate.n_stages != self.n_layers:
             raise StopwiseError(f"The certificate was made for {certificate.n_stages} exits; this model has {self.n_layers} layers. It cannot vouch for another model or head set.")
-        mine = self.identity()
+        mine = {"base_model": self.base_id, "heads": heads_id}
         for key in ("base_model", "heads"):
             theirs = certificate.source.get(key)
             if theirs is not None and theirs != mine[key]:
@@ -342,11 +348,11 @@ class EarlyExitClassifier:
                     "Record new calibration traces with these heads and calibrate again."
                 )
 
-    def _stopper_rule(self, rule: Any, certificate: Certificate | None) -> Rule | None:
+    def _stopper_rule(self, rule: Any, certificate: Certificate | None, heads_key: tuple[int, ...]) -> Rule | None:
         if certificate is not None:
             if rule is not None:
                 raise StopwiseError("Pass either 'rule' or 'certificate' to predict, not both.")
-            self.check_certificate(certificate)
+            self._check_certificate(certificate, self._heads_digest(heads_key))
             return certificate.make_rule()
         if rule is None:
             return None
@@ -375,33 +381,39 @@ class EarlyExitClassifier:
         cost = check_choice(cost, "cost", "EarlyExitClassifier.predict", COSTS)
         batch_size = check_int(batch_size, "batch_size", "predict", minimum=1)
         in_flight = 4 * batch_size if in_flight is None else check_int(in_flight, "in_flight", "predict", minimum=batch_size)
-        stop_rule = self._stopper_rule(rule, certificate)
+        # One look at the head tensors per call, shared by the certificate check and the folded heads.
+        heads_key = self.heads.state_key()
+        stop_rule = self._stopper_rule(rule, certificate, heads_key)
         enc = self.tokenize(texts)
         n, c = len(enc), len(self.class_names)
         out = (np.empty(n, dtype=np.int64), np.empty((n, c), dtype=np.float64), np.empty(n, dtype=np.int64))
         n_tokens = np.array([len(x) for x in enc.ids])
         from tqdm.auto import tqdm
 
-        head = self._head_fn()
+        head = self._head_fn(heads_key)
         t0 = time.perf_counter()
         batches = list(self._batches(enc, batch_size, sort))
         per_group = in_flight // batch_size
-        with tqdm(total=n, desc="predict", disable=not progress) as bar:
-            for g in range(0, len(batches), per_group):
-                group = batches[g : g + per_group]
-                self._predict_group(group, stop_rule, head, out, batch_size, trace_calls)
+        # No bar object at all unless asked for: even a disabled one costs a head's worth at batch 1.
+        bar = tqdm(total=n, desc="predict") if progress else None
+        for g in range(0, len(batches), per_group):
+            group = batches[g : g + per_group]
+            self._predict_group(group, stop_rule, head, out, batch_size, trace_calls)
+            if bar is not None:
                 bar.update(sum(len(rows) for rows, _, _ in group))
+        if bar is not None:
+            bar.close()
         seconds = time.perf_counter() - t0
         preds, probs, exit_layer = out
         per_row = exit_layer.astype(np.float64) if cost == "layers" else self._layer_flops(n_tokens) * exit_layer
         return Prediction(predictions=preds, probs=probs, exit_layer=exit_layer, cost=per_row,
                           class_names=self.class_names, seconds=seconds)
 
-    def _head_fn(self) -> Callable[[int, BatchState], np.ndarray]:
+    def _head_fn(self, heads_key: tuple[int, ...]) -> Callable[[int, BatchState], np.ndarray]:
         """Probabilities of head k on the batch, for one predict call. Linear heads multiply by
         their folded weights directly (the same tensors and op as :meth:`ExitHeads.logits`, so
         online and recorded probabilities agree bit for bit)."""
-        folded = self.heads.folded()
+        folded = self.heads.folded(heads_key)
         dtype = self.heads.dtype
 
         def head(k: int, state: BatchState) -> np.ndarray:
@@ -431,8 +443,9 @@ class EarlyExitClassifier:
                     calls.append(len(live))
             if stopper is None and k < last:
                 continue  # full model: only the final head is read
-            p = np.concatenate([head(k, state) for state in states])
-            live_all = np.concatenate(lives)
+            # One batch (always so at batch 1): no concatenation, each is a copy and an op.
+            p = head(k, states[0]) if len(states) == 1 else np.concatenate([head(k, state) for state in states])
+            live_all = lives[0] if len(lives) == 1 else np.concatenate(lives)
             stop = np.ones(len(live_all), bool) if stopper is None else stopper.step(
                 StageBatch(index=k, predictions=p.argmax(axis=1), probs=p), last=k == last)
             if stop.all():
