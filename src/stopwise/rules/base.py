@@ -225,17 +225,20 @@ class Stopper:
             raise StopwiseError(f"Stopper.step expects stage {self.stage} next. Got stage {batch.index}.")
         with np.errstate(divide="ignore", invalid="ignore"):
             self.state, stat = self.rule.update(self.state, batch)
-        z = np.asarray(stat, dtype=np.float64)
-        if self.rule.direction < 0:
-            z = -z
+        s = np.asarray(stat, dtype=np.float64)
         # This runs after every layer of every batch, so it is written for batch 1, where each
         # numpy call costs more than the arithmetic: NaN never fires (the comparison is False),
-        # a threshold of +inf never fires even when z = +inf, and nothing is copied when no row stops.
+        # a threshold of +inf never fires even when z = +inf, and nothing is copied when no row
+        # stops. z = direction * s is not formed: -s >= t is exactly s <= -t.
+        neg = self.rule.direction < 0
         if isinstance(self.t, float):
-            stop = z >= self.t if self.t < np.inf else np.zeros(len(z), dtype=bool)
+            if self.t == np.inf:
+                stop = np.zeros(len(s), dtype=bool)
+            else:
+                stop = s <= -self.t if neg else s >= self.t
         else:
             t = self.t[self.rows]
-            stop = (z >= t) & (t < np.inf)
+            stop = ((s <= -t) if neg else (s >= t)) & (t < np.inf)
         if last is True:
             stop[:] = True
         elif last is not False:

