@@ -178,6 +178,9 @@ def _row(clf: Any, cal: Any, test: Any, both: Any, *, risk: str, rule_name: str,
         "wall_speedup_b32": f32 / w32, "ideal_speedup_b32": L / float(p32.exit_layer.mean()),
         "wall_speedup_b1": f1 / w1, "ideal_speedup_b1": L / float(p1.exit_layer.mean()),
         "ideal_speedup_b1_token_weighted": _token_weighted_ideal(encs[1], p1.exit_layer, L),
+        # Absolute times, so fixed per-call cost can be told from layer cost when wall falls short of ideal.
+        "ms_per_row_b32": {"full": 1e3 * f32 / len(encs[0]), "early": 1e3 * w32 / len(encs[0])},
+        "ms_per_row_b1": {"full": 1e3 * f1 / len(encs[1]), "early": 1e3 * w1 / len(encs[1])},
         "split_validity": {**split, "bootstrap_violation_rate": boot.violation_rate, "bootstrap_allowance": boot.allowance},
     }
 
