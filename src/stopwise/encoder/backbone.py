@@ -130,10 +130,10 @@ class Backbone:
         # on its shape and the model's settings, so the answer is remembered: at batch 1 asking
         # transformers again costs as much as an exit head. Only "no mask" is kept (a set of
         # shapes, never a tensor), and a batch with padding asks transformers as before.
+        state.unpadded = bool(state.mask2d.all())
         key = (*state.hidden.shape[:2], state.hidden.dtype, state.hidden.device,
-               getattr(self.config, "_attn_implementation", None))
-        state.unpadded = unpadded = bool(state.mask2d.all())
-        if unpadded and key in self._maskless:
+               getattr(self.config, "_attn_implementation", None)) if state.unpadded else None
+        if key is not None and key in self._maskless:
             state.mask4d = None
             return
         from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
@@ -147,7 +147,7 @@ class Backbone:
             state.mask4d = create_bidirectional_mask(
                 config=self.config, inputs_embeds=state.hidden, attention_mask=state.mask2d,
             )
-        if unpadded and state.mask4d is None:
+        if key is not None and state.mask4d is None:
             self._maskless.add(key)
 
     def layer(self, index: int, state: BatchState) -> None:

@@ -25,12 +25,12 @@ OBJECTIVES = ("labels", "distill", "both")
 OPTIMIZERS = ("adam", "lbfgs")
 
 
-
 def tensors_key(tensors: Iterable[torch.Tensor]) -> tuple[int, ...]:
     """Changes whenever one of ``tensors`` is modified in place (its version counter) or replaced
     (its storage): the cache key of values derived from weights."""
     ts = list(tensors)
     return (*(t._version for t in ts), *(t.data_ptr() for t in ts))
+
 
 class ExitHead(nn.Module):
     """Standardise, then a linear layer or a one-hidden-layer MLP."""
