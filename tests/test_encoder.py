@@ -101,6 +101,24 @@ def test_mean_weights_of_an_unpadded_batch_are_the_divided_ones():
     assert torch.equal(mean_weights(half, torch.float16, unpadded=True), mean_weights(half, torch.float16))
 
 
+def test_batches_are_right_padded_and_know_when_they_are_unpadded(clf):
+    from stopwise.encoder.model import Encoded
+
+    pad = clf.tokenizer.pad_token_id
+    enc = Encoded([[5, 6, 7], [8, 9, 10], [11, 12], (13, 14, 15, 16)])
+    got = list(clf._batches(enc, 2, False)) + list(clf._batches(enc, 1, True))
+    assert [unpadded for *_, unpadded in got] == [True, False, True, True, True, True]
+    for rows, ids, mask, unpadded in got:
+        assert ids.dtype == mask.dtype == torch.long and ids.shape == mask.shape
+        assert unpadded == bool(mask.all())
+        for row, r in zip(ids.tolist(), rows, strict=True):
+            n = len(enc.ids[r])
+            assert row == list(enc.ids[r]) + [pad] * (len(row) - n)
+        assert mask.sum(dim=1).tolist() == [len(enc.ids[r]) for r in rows]
+    sorted_rows = [int(rows[0]) for rows, *_ in got[2:]]
+    assert sorted_rows == [3, 0, 1, 2]  # longest first, ties in order
+
+
 def test_heads_state_key_sees_every_tensor_and_every_change():
     from stopwise.encoder.heads import ExitHeads
 

@@ -109,8 +109,9 @@ class Backbone:
         return next(self.model.parameters()).device
 
     # -- one batch ----------------------------------------------------------------------------
-    def start(self, input_ids: torch.Tensor, mask2d: torch.Tensor) -> BatchState:
-        """Embed a right-padded batch and build its masks and position embeddings."""
+    def start(self, input_ids: torch.Tensor, mask2d: torch.Tensor, *, unpadded: bool | None = None) -> BatchState:
+        """Embed a right-padded batch and build its masks and position embeddings. ``unpadded``:
+        the caller knows whether any row has padding (None: read it off ``mask2d``)."""
         kwargs: dict[str, Any] = {}
         if "input_ids" in self._embed_params:
             kwargs["input_ids"] = input_ids
@@ -122,15 +123,15 @@ class Backbone:
             # What LlamaModel.forward does without a cache: positions 0..T-1, shared by all rows.
             state.position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
             state.position_embeddings = self.rotary(hidden, position_ids=state.position_ids)
-        self._build_mask(state)
+        self._build_mask(state, unpadded)
         return state
 
-    def _build_mask(self, state: BatchState) -> None:
+    def _build_mask(self, state: BatchState, unpadded: bool | None = None) -> None:
         # A batch without padding often needs no mask at all (SDPA); whether it does depends only
         # on its shape and the model's settings, so the answer is remembered: at batch 1 asking
         # transformers again costs as much as an exit head. Only "no mask" is kept (a set of
         # shapes, never a tensor), and a batch with padding asks transformers as before.
-        state.unpadded = bool(state.mask2d.all())
+        state.unpadded = bool(state.mask2d.all()) if unpadded is None else unpadded
         key = (*state.hidden.shape[:2], state.hidden.dtype, state.hidden.device,
                getattr(self.config, "_attn_implementation", None)) if state.unpadded else None
         if key is not None and key in self._maskless:

@@ -218,21 +218,26 @@ class EarlyExitClassifier:
                 raise StopwiseError(f"Label {y!r} (row {i}) must be a class name or an id in [0, {len(self.class_names) - 1}] for classes {list(self.class_names)}.")
         return out
 
-    def _batches(self, enc: Encoded, batch_size: int, sort: bool) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor]]:
-        """Right-padded batches; sorted by length so little compute goes to padding."""
+    def _batches(self, enc: Encoded, batch_size: int, sort: bool) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor, bool]]:
+        """Right-padded batches, sorted by length so little compute goes to padding, each with
+        whether it is unpadded (all rows equally long), which the lengths tell for free."""
         n = len(enc)
         order = np.argsort([-len(x) for x in enc.ids], kind="stable") if sort and n > 1 else np.arange(n)
         pad = self.tokenizer.pad_token_id
         pad = 0 if pad is None else int(pad)
         for start in range(0, n, batch_size):
             rows = order[start : start + batch_size]
-            seqs = [list(enc.ids[i]) for i in rows]
-            width = max(len(s) for s in seqs)
-            # Padded in Python, then one tensor each: per-row tensor writes cost more than a
-            # head at batch 1.
-            ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs], dtype=torch.long)
+            seqs = [enc.ids[i] for i in rows]
+            lens = [len(s) for s in seqs]
+            width = max(lens)
+            # One tensor call each: per-row tensor writes cost more than a head at batch 1, and
+            # an unpadded batch (every batch of one row) skips the padding and the mask's values.
+            if min(lens) == width:
+                yield rows, torch.from_numpy(np.array(seqs, dtype=np.int64)), torch.ones((len(seqs), width), dtype=torch.long), True
+                continue
+            ids = torch.tensor([list(s) + [pad] * (width - len(s)) for s in seqs], dtype=torch.long)
             mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], dtype=torch.long)
-            yield rows, ids, mask
+            yield rows, ids, mask, False
 
     # -- features and training ---------------------------------------------------------------
     def _pooled(self, state: BatchState) -> torch.Tensor:
@@ -249,8 +254,8 @@ class EarlyExitClassifier:
         enc = self.tokenize(texts)
         out = torch.empty((len(enc), self.n_layers, self.hidden_size), dtype=torch.float32)
         bar = tqdm(total=len(enc), desc=f"{self.base_name} layers", unit="text", disable=not progress)
-        for rows, ids, mask in self._batches(enc, check_int(batch_size, "batch_size", "features", minimum=1), True):
-            state = self.backbone.start(ids, mask)
+        for rows, ids, mask, unpadded in self._batches(enc, check_int(batch_size, "batch_size", "features", minimum=1), True):
+            state = self.backbone.start(ids, mask, unpadded=unpadded)
             idx = torch.as_tensor(rows)
             for k in range(self.n_layers):
                 self.backbone.layer(k, state)
@@ -400,7 +405,7 @@ class EarlyExitClassifier:
             group = batches[g : g + per_group]
             self._predict_group(group, stop_rule, head, out, batch_size, trace_calls)
             if bar is not None:
-                bar.update(sum(len(rows) for rows, _, _ in group))
+                bar.update(sum(len(rows) for rows, *_ in group))
         if bar is not None:
             bar.close()
         seconds = time.perf_counter() - t0
@@ -426,14 +431,14 @@ class EarlyExitClassifier:
 
         return head
 
-    def _predict_group(self, group: list[tuple[np.ndarray, torch.Tensor, torch.Tensor]], rule: Rule | None,
+    def _predict_group(self, group: list[tuple[np.ndarray, torch.Tensor, torch.Tensor, bool]], rule: Rule | None,
                        head: Callable[[int, BatchState], np.ndarray], out: tuple[np.ndarray, np.ndarray, np.ndarray],
                        batch_size: int, calls: list[int] | None) -> None:
         """Batches advancing layer by layer together; one stopper over all their rows, which sees
         them in the order of ``lives`` concatenated (kept through every select and re-pack)."""
         preds, probs, exit_layer = out
-        states = [self.backbone.start(ids, mask) for _, ids, mask in group]
-        lives = [np.asarray(rows) for rows, _, _ in group]
+        states = [self.backbone.start(ids, mask, unpadded=unpadded) for _, ids, mask, unpadded in group]
+        lives = [np.asarray(rows) for rows, *_ in group]
         last = self.n_layers - 1
         stopper = None if rule is None else rule.stopper(sum(len(live) for live in lives))
         for k in range(self.n_layers):
