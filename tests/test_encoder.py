@@ -272,6 +272,30 @@ def test_certificate_drives_predict_and_refuses_other_heads(clf, bbc, test_trace
         clf.predict(bbc[1].texts[:2], certificate=cert, rule=sw.MaxProb(lam=0.5))
 
 
+def test_a_rule_that_cannot_stop_before_the_last_layer_reads_no_other_head(clf, bbc, monkeypatch):
+    heads_read: list[int] = []
+    real = clf._head_fn
+
+    def counting(key):
+        head = real(key)
+        return lambda k, state: heads_read.append(k) or head(k, state)
+
+    monkeypatch.setattr(clf, "_head_fn", counting)
+    texts = bbc[1].texts[:6]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        full = clf.predict(texts, batch_size=3)
+        assert heads_read == [5, 5]
+        for rule in (sw.Patience(lam=5), sw.Never(), sw.MaxProb(lam=1.5)):
+            heads_read.clear()
+            pred = clf.predict(texts, rule=rule, batch_size=3)
+            assert heads_read == [5, 5], repr(rule)
+            assert np.array_equal(pred.probs, full.probs) and (pred.exit_layer == 6).all()
+        heads_read.clear()
+        clf.predict(texts, rule=sw.Patience(lam=4), batch_size=3)  # may stop at layer 5: heads read
+        assert heads_read[:2] == [0, 0]
+
+
 def test_heads_changed_in_place_no_longer_match_their_certificate(clf, bbc, test_trace):
     cert = clf.calibrate(test_trace, "max_prob", epsilon=0.15, delta=0.2)
     before = clf.heads_id  # kept between predict calls: the edit below must still be seen

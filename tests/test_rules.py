@@ -296,3 +296,42 @@ def test_adapter_rules_load_by_name_without_importing_the_adapter() -> None:
             "print(type(r).__module__, 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["stopwise.sampling.rules", "False"]
+
+
+def _never_before_last() -> list[sw.Rule]:
+    return [
+        sw.Never(), sw.MaxProb(lam=1.01), sw.Entropy(lam=-0.1), sw.Patience(lam=3), sw.Patience(lam=2.5),
+        sw.MinStage(sw.Patience(), min_stages=5, lam=1), sw.MinStage(sw.MaxProb(), min_stages=2, lam=1.5),
+        sw.StageThresholds(sw.Patience(), thresholds=[np.inf, 5, 2, 2]),
+        sw.StageThresholds(sw.Entropy(), thresholds=[-np.inf, -np.inf]),
+    ]
+
+
+@settings(max_examples=40, deadline=None)
+@given(trace=traces(), q=st.floats(0.0, 1.0))
+def test_no_rule_fires_before_its_earliest_stop(trace: Trace, q: float) -> None:
+    for rule in all_rules() + _never_before_last():
+        z = rule.z(trace)
+        finite = z[np.isfinite(z)]
+        lam = rule.lam_from_threshold(float(np.quantile(finite, q)) if finite.size else 0.0) if rule.free else None
+        earliest = rule.earliest_stop(lam)
+        fires = z >= rule.threshold(lam)
+        assert not fires[:, : min(trace.n_stages, int(earliest)) if np.isfinite(earliest) else None].any(), repr(rule)
+
+
+def test_earliest_stop_is_tight_where_a_rule_knows_it() -> None:
+    probs = np.tile(np.array([0.7, 0.2, 0.1]), (1, 6, 1))
+    same = Trace(predictions=np.zeros((1, 6), dtype=np.int64), probs=probs)
+    expected = [
+        (sw.Patience(lam=3), 3.0), (sw.Patience(lam=2.5), 3.0), (sw.Patience(lam=0), 0.0), (sw.MaxProb(lam=0.7), 0.0),
+        (sw.MinStage(sw.Patience(), min_stages=5, lam=1), 4.0),
+        (sw.StageThresholds(sw.Patience(), thresholds=[np.inf, 5, 2, 2]), 2.0),
+    ]
+    for rule, stage in expected:
+        assert rule.earliest_stop() == stage, repr(rule)
+        assert rule.halts(same)[0] == stage, repr(rule)  # a trace that fires as soon as it can
+    for rule in _never_before_last()[:3] + _never_before_last()[-1:]:
+        assert rule.earliest_stop() == np.inf, repr(rule)
+        assert rule.halts(same)[0] == 5, repr(rule)
+    with pytest.raises(sw.StopwiseError, match="has no λ"):
+        sw.MaxProb().earliest_stop()

@@ -389,6 +389,10 @@ class EarlyExitClassifier:
         # One look at the head tensors per call, shared by the certificate check and the folded heads.
         heads_key = self.heads.state_key()
         stop_rule = self._stopper_rule(rule, certificate, heads_key)
+        if stop_rule is not None and stop_rule.earliest_stop() >= self.n_layers - 1:
+            # It cannot stop a row before the last layer (an uncertified certificate, patience
+            # calibrated to its largest λ): that is the full model, so no head is read on the way.
+            stop_rule = None
         enc = self.tokenize(texts)
         n, c = len(enc), len(self.class_names)
         out = (np.empty(n, dtype=np.int64), np.empty((n, c), dtype=np.float64), np.empty(n, dtype=np.int64))

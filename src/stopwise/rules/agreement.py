@@ -3,6 +3,7 @@ Beta posterior (Adaptive-Consistency) and an anytime-valid betting test."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -33,6 +34,13 @@ class Patience(Rule):
         same = (pred == last) & (pred != NO_ANSWER)
         run = np.where(same, run + 1, 0)
         return (pred.copy(), run), run.astype(np.float64)
+
+    def earliest_stop(self, lam: float | None = None) -> float:
+        # The run at stage k counts at most k repeats, so λ repeats need stage ceil(λ).
+        t = self.threshold(lam)
+        if t == math.inf:
+            return math.inf
+        return float(math.ceil(t)) if t > 0 else 0.0
 
     def statistic_all(self, trace: Trace, rows: slice) -> FloatArray | None:
         # Stage-major copy of the block: each stage is then one short contiguous vector op.

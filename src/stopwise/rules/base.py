@@ -15,6 +15,7 @@ rows are independent, so row i then stops exactly where a stopper with λ = ``la
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any, ClassVar
@@ -116,6 +117,12 @@ class Rule(ABC):
 
     def lam_from_threshold(self, t: float) -> float:
         return self.sign() * float(t)
+
+    def earliest_stop(self, lam: float | None = None) -> float:
+        """The earliest 0-based stage at which this rule can fire at λ, whatever the stages hold
+        (``inf``: never). 0 unless the rule knows better, which is always safe. An adapter skips
+        the exit heads of a rule that cannot fire before the last stage: it is the full model."""
+        return math.inf if self.threshold(lam) == math.inf else 0.0
 
     def halts(self, trace: Trace, lam: float | None = None) -> IntArray:
         """Offline: the stage at which each input stops (its last stage when the rule never fires)."""

@@ -7,6 +7,7 @@ its free children (which must then share one direction).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -41,6 +42,9 @@ class Never(Rule):
 
     def update(self, state: State, batch: StageBatch) -> tuple[State, FloatArray]:
         return state, np.full(len(batch), -np.inf)
+
+    def earliest_stop(self, lam: float | None = None) -> float:
+        return math.inf
 
 
 class _Wrapper(Rule):
@@ -166,6 +170,9 @@ class MinStage(_Wrapper):
             z = np.full(len(batch), -np.inf)
         return [s], self.z_to_stat(z)
 
+    def earliest_stop(self, lam: float | None = None) -> float:
+        return max(float(self.min_stages - 1), self.rules[0].earliest_stop(self.lam if lam is None else lam))
+
 
 class StageThresholds(Rule):
     """A rule with one threshold per stage, fire when z_k >= t_k (Early Time Classification).
@@ -201,4 +208,10 @@ class StageThresholds(Rule):
         k = batch.index
         t = self.rule.sign() * self.thresholds[k] if k < len(self.thresholds) else np.inf
         return state, np.where(z >= t, 1.0, -1.0)
+
+    def earliest_stop(self, lam: float | None = None) -> float:
+        for k, t in enumerate(self.thresholds):
+            if self.rule.sign() * t < math.inf and self.rule.earliest_stop(float(t)) <= k:
+                return float(k)
+        return math.inf
 

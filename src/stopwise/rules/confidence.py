@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -38,6 +39,9 @@ class MaxProb(Rule):
     def update(self, state: State, batch: StageBatch) -> tuple[State, FloatArray]:
         p = _probs(batch, self, "max_prob")
         return state, batch.signals["max_prob"] if p is None else p.max(axis=1)
+
+    def earliest_stop(self, lam: float | None = None) -> float:
+        return math.inf if self.threshold(lam) > 1.0 else 0.0  # no probability exceeds 1
 
 
 class Margin(Rule):
@@ -78,6 +82,9 @@ class Entropy(Rule):
         # np.maximum, not np.clip: the same values at a third of the call cost, after every layer online.
         h = -(p * np.log(np.maximum(p, 1e-300))).sum(axis=1)
         return state, h / np.log(p.shape[1]) if self.normalized else h
+
+    def earliest_stop(self, lam: float | None = None) -> float:
+        return math.inf if -self.threshold(lam) < 0.0 else 0.0  # no entropy is negative
 
 
 class Signal(Rule):
