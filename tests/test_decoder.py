@@ -129,9 +129,25 @@ def test_speculative_sampling_is_seeded():
 def test_early_exit_never_firing_equals_full(kind):
     _, eng = engine(kind)
     refs = [eng.full([p], max_new_tokens=16).extra_outputs[0] for p in PROMPTS]
-    s = eng.early_exit(PROMPTS, max_new_tokens=16, rule=stopwise.MaxProb(lam=2.0))
-    assert s.extra_outputs == refs
-    assert s.to_dict()["layers_per_token"] == pytest.approx(6.0)
+    heads_read: list[int] = []
+    real = eng.heads.logits
+
+    def counting(h, layer, **kw):
+        heads_read.append(layer)
+        return real(h, layer, **kw)
+
+    eng.heads.logits = counting
+    # A rule that cannot fire at any exit runs as the full model: only the final layer's head is read.
+    for rule in (stopwise.MaxProb(lam=2.0), stopwise.Never(), stopwise.Patience(lam=len(eng.heads.layers))):
+        heads_read.clear()
+        s = eng.early_exit(PROMPTS, max_new_tokens=16, rule=rule)
+        assert s.extra_outputs == refs
+        assert s.to_dict()["layers_per_token"] == pytest.approx(6.0)
+        assert set(heads_read) == {6}, repr(rule)
+    heads_read.clear()
+    s = eng.early_exit(PROMPTS, max_new_tokens=16, rule=stopwise.Patience(lam=len(eng.heads.layers) - 1))
+    assert s.extra_outputs == refs and set(heads_read) > {6}  # may fire at the last exit: heads read
+    del eng.heads.logits
     s = eng.early_exit(PROMPTS, max_new_tokens=16, schedule=[6] * 16)
     assert s.extra_outputs == refs
 

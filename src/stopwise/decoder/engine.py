@@ -440,6 +440,10 @@ class Engine:
         if schedule is not None:
             schedule = self._check_schedule(schedule, max_new_tokens)
         row_t = None if lams is None else self._row_thresholds(lams, len(prompts), rule)
+        if rule is not None and row_t is None and rule.earliest_stop() >= len(exits):
+            # It cannot fire at any candidate exit (Never, an uncertified certificate): that is
+            # the full model, so no exit head is read on the way.
+            exits = []
         self._check_room(prompts, max_new_tokens)
         t0 = time.perf_counter()
         n = len(prompts)
