@@ -126,7 +126,7 @@ def test_speculative_sampling_is_seeded():
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
-def test_early_exit_never_firing_equals_full(kind):
+def test_early_exit_never_firing_equals_full(kind, monkeypatch):
     _, eng = engine(kind)
     refs = [eng.full([p], max_new_tokens=16).extra_outputs[0] for p in PROMPTS]
     heads_read: list[int] = []
@@ -136,7 +136,7 @@ def test_early_exit_never_firing_equals_full(kind):
         heads_read.append(layer)
         return real(h, layer, **kw)
 
-    eng.heads.logits = counting
+    monkeypatch.setattr(eng.heads, "logits", counting)
     # A rule that cannot fire at any exit runs as the full model: only the final layer's head is read.
     for rule in (stopwise.MaxProb(lam=2.0), stopwise.Never(), stopwise.Patience(lam=len(eng.heads.layers))):
         heads_read.clear()
@@ -147,7 +147,7 @@ def test_early_exit_never_firing_equals_full(kind):
     heads_read.clear()
     s = eng.early_exit(PROMPTS, max_new_tokens=16, rule=stopwise.Patience(lam=len(eng.heads.layers) - 1))
     assert s.extra_outputs == refs and set(heads_read) > {6}  # may fire at the last exit: heads read
-    del eng.heads.logits
+    monkeypatch.undo()
     s = eng.early_exit(PROMPTS, max_new_tokens=16, schedule=[6] * 16)
     assert s.extra_outputs == refs
 

@@ -214,4 +214,3 @@ class StageThresholds(Rule):
             if self.rule.sign() * t < math.inf and self.rule.earliest_stop(float(t)) <= k:
                 return float(k)
         return math.inf
-
