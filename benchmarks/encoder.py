@@ -17,7 +17,9 @@ the calibration split for two risks, and measured on the test split:
 - wall_speedup at batch 32 and batch 1: full model vs early exit on the same test rows, timed
   from token ids to predictions in the same run, interleaved and repeated (best of
   ``timing_repeats``, so a background hiccup hits neither side alone; at batch 1 each row is timed
-  alone, one call per row as a server sees requests, and its best kept); tokenization timed
+  alone, one call per row as a server sees requests, and its best kept: passes of consecutive
+  requests with one setting, as a server runs, and, for comparison, full and early exit alternating
+  call by call, wall_speedup_b1_interleaved); tokenization timed
   separately; ideal_speedup = full layers / mean layers used on the timed rows (at batch 1 also
   weighted by each row's tokens, ideal_speedup_b1_token_weighted);
 - split_validity: over repeated random calibration/test splits of the recorded rows, the share
@@ -91,15 +93,33 @@ def _time(clf: Any, enc: Any, batch: int, repeats: int, **kw: Any) -> tuple[floa
     return best["full"], best["early"], pred
 
 
-def _time_rows(clf: Any, enc: Any, repeats: int, **kw: Any) -> tuple[float, float, Any]:
-    """Batch 1 as a server sees it, one request per call: each row is timed alone, full and early
-    exit interleaved in alternating order, and its best of ``repeats`` kept; the sums over rows are
-    returned. Taking the best per row rather than of whole passes keeps a hiccup in one row from
-    costing a whole pass, which made single 30-layer rows read ±6% apart between runs."""
+def _time_rows(clf: Any, enc: Any, repeats: int, **kw: Any) -> dict[str, Any]:
+    """Batch 1 as a server sees it, one request per call: each row is timed alone and its best of
+    ``repeats`` kept, so a hiccup in one row costs nothing else (single 30-layer rows read ±6% apart
+    between runs when whole passes were timed). Sums over rows, in two orders:
+
+    - "block" (the reported figure): a pass sends every row with one setting, as consecutive
+      requests reach a server with early exit on, or off; passes alternate which setting goes first,
+      so a drift of the machine hits neither side alone.
+    - "interleaved" (for comparison): per row, full and early exit alternate call by call. Each
+      early-exit call then follows full-model calls, whose later layers have pushed the first
+      layers' weights out of the cache (MiniLM's six layers are ~42 MB, the early-exit working set
+      ~14 MB): a cost no server running one setting pays, 5-10% of a MiniLM row exiting after 1.7 layers.
+    """
     from stopwise.encoder.model import Encoded
 
-    best = np.array([_time(clf, Encoded([ids]), 1, repeats, **kw)[:2] for ids in enc.ids])
-    return float(best[:, 0].sum()), float(best[:, 1].sum()), clf.predict(enc, batch_size=1, **kw)
+    rows = [Encoded([ids]) for ids in enc.ids]
+    inter = np.array([_time(clf, row, 1, repeats, **kw)[:2] for row in rows])
+    block = {"full": np.full(len(rows), np.inf), "early": np.full(len(rows), np.inf)}
+    for r in range(repeats):
+        for side in ("full", "early") if r % 2 == 0 else ("early", "full"):
+            for i, row in enumerate(rows):
+                t0 = time.perf_counter()
+                clf.predict(row, batch_size=1, **(kw if side == "early" else {}))
+                block[side][i] = min(block[side][i], time.perf_counter() - t0)
+    return {"full": float(block["full"].sum()), "early": float(block["early"].sum()),
+            "full_interleaved": float(inter[:, 0].sum()), "early_interleaved": float(inter[:, 1].sum()),
+            "prediction": clf.predict(enc, batch_size=1, **kw)}
 
 
 def run_one(backbone: str, task: str, ts: Any, *, max_length: int, n_time32: int, n_time1: int, repeats: int,
@@ -165,7 +185,9 @@ def _row(clf: Any, cal: Any, test: Any, both: Any, *, risk: str, rule_name: str,
     if key not in timings:
         timings[key] = (_time(clf, encs[0], 32, timing_repeats, certificate=cert),
                         _time_rows(clf, encs[1], timing_repeats, certificate=cert))
-    (f32, w32, p32), (f1, w1, p1) = timings[key]
+    (f32, w32, p32), b1 = timings[key]
+    f1, w1, p1 = b1["full"], b1["early"], b1["prediction"]
+    n1 = len(encs[1])
     split = _split_shares(both, rule, n_cal=cal.n, repeats=repeats, epsilon=eps, risk=risk)
     boot = bootstrap_repeats(both, rule, n_cal=cal.n, repeats=repeats, epsilon=eps, delta=DELTA, seed=1, risk=risk)
     return {
@@ -177,10 +199,12 @@ def _row(clf: Any, cal: Any, test: Any, both: Any, *, risk: str, rule_name: str,
         "ideal_speedup": L / mean_layers,
         "wall_speedup_b32": f32 / w32, "ideal_speedup_b32": L / float(p32.exit_layer.mean()),
         "wall_speedup_b1": f1 / w1, "ideal_speedup_b1": L / float(p1.exit_layer.mean()),
+        "wall_speedup_b1_interleaved": b1["full_interleaved"] / b1["early_interleaved"],
         "ideal_speedup_b1_token_weighted": _token_weighted_ideal(encs[1], p1.exit_layer, L),
         # Absolute times, so fixed per-call cost can be told from layer cost when wall falls short of ideal.
         "ms_per_row_b32": {"full": 1e3 * f32 / len(encs[0]), "early": 1e3 * w32 / len(encs[0])},
-        "ms_per_row_b1": {"full": 1e3 * f1 / len(encs[1]), "early": 1e3 * w1 / len(encs[1])},
+        "ms_per_row_b1": {"full": 1e3 * f1 / n1, "early": 1e3 * w1 / n1},
+        "ms_per_row_b1_interleaved": {"full": 1e3 * b1["full_interleaved"] / n1, "early": 1e3 * b1["early_interleaved"] / n1},
         "split_validity": {**split, "bootstrap_violation_rate": boot.violation_rate, "bootstrap_allowance": boot.allowance},
     }
 
@@ -225,6 +249,8 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
             risk: max((r["savings_vs_oracle"] for r in rows if r["risk"] == risk), default=None) for risk in RISKS},
         "min_wall_over_ideal": min((wall_over_ideal(r) for r in rows), default=None),
         "median_wall_over_ideal": float(np.median([wall_over_ideal(r) for r in rows])) if rows else None,
+        "min_wall_over_ideal_b1_interleaved": min(
+            (r["wall_speedup_b1_interleaved"] / r["ideal_speedup_b1"] for r in rows), default=None),
         "min_share_splits_accuracy_gap_within_epsilon": min(
             (r["split_validity"]["share_accuracy_gap_within_epsilon"] for r in rows), default=None),
         "min_share_splits_gap_within_epsilon_gap_rows": min(
@@ -242,7 +268,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=None, help="random splits per validity check (default 200)")
     parser.add_argument("--smollm2-pooling", default="mean", choices=("mean", "last"))
     parser.add_argument("--timing-repeats", type=int, default=None,
-                        help="interleaved timing runs per side, best taken (default: 5 MiniLM, 3 SmolLM2)")
+                        help="timing runs per side, best taken (default: 5 MiniLM, 3 SmolLM2)")
     args = parser.parse_args()
     import torch
 

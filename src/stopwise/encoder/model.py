@@ -222,7 +222,11 @@ class EarlyExitClassifier:
         """Right-padded batches, sorted by length so little compute goes to padding, each with
         whether it is unpadded (all rows equally long), which the lengths tell for free."""
         n = len(enc)
-        order = np.argsort([-len(x) for x in enc.ids], kind="stable") if sort and n > 1 else np.arange(n)
+        if n == 1:  # one request (a server at batch 1): nothing to sort or pad
+            ids = torch.tensor(enc.ids, dtype=torch.long)
+            yield np.zeros(1, dtype=np.int64), ids, torch.ones_like(ids), True
+            return
+        order = np.argsort([-len(x) for x in enc.ids], kind="stable") if sort else np.arange(n)
         pad = self.tokenizer.pad_token_id
         pad = 0 if pad is None else int(pad)
         for start in range(0, n, batch_size):
@@ -396,7 +400,6 @@ class EarlyExitClassifier:
         enc = self.tokenize(texts)
         n, c = len(enc), len(self.class_names)
         out = (np.empty(n, dtype=np.int64), np.empty((n, c), dtype=np.float64), np.empty(n, dtype=np.int64))
-        n_tokens = np.array([len(x) for x in enc.ids])
         from tqdm.auto import tqdm
 
         head = self._head_fn(heads_key)
@@ -414,7 +417,8 @@ class EarlyExitClassifier:
             bar.close()
         seconds = time.perf_counter() - t0
         preds, probs, exit_layer = out
-        per_row = exit_layer.astype(np.float64) if cost == "layers" else self._layer_flops(n_tokens) * exit_layer
+        per_row = (exit_layer.astype(np.float64) if cost == "layers"
+                   else self._layer_flops(np.array([len(x) for x in enc.ids])) * exit_layer)
         return Prediction(predictions=preds, probs=probs, exit_layer=exit_layer, cost=per_row,
                           class_names=self.class_names, seconds=seconds)
 
