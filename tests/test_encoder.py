@@ -109,7 +109,7 @@ def test_batches_are_right_padded_and_know_when_they_are_unpadded(clf):
     one = Encoded([(13, 14, 15, 16)])  # a single request takes its own short path
     got = list(clf._batches(enc, 2, False)) + list(clf._batches(enc, 1, True)) + list(clf._batches(one, 4, True))
     assert [unpadded for *_, unpadded in got] == [True, False, True, True, True, True, True]
-    assert got[-1][0].tolist() == [0] and got[-1][1].tolist() == [[13, 14, 15, 16]]
+    assert got[-1][0].tolist() == [0] and got[-1][1].tolist() == [[13, 14, 15, 16]] and got[-1][2].tolist() == [[1] * 4]
     got = got[:-1]
     for rows, ids, mask, unpadded in got:
         assert ids.dtype == mask.dtype == torch.long and ids.shape == mask.shape
