@@ -106,7 +106,7 @@ def test_batches_are_right_padded_and_know_when_they_are_unpadded(clf):
 
     pad = clf.tokenizer.pad_token_id
     enc = Encoded([[5, 6, 7], [8, 9, 10], [11, 12], (13, 14, 15, 16)])
-    one = Encoded([(13, 14, 15, 16)])  # a single request takes its own short path
+    one = Encoded([(13, 14, 15, 16)])  # a single request: nothing to sort or pad
     got = list(clf._batches(enc, 2, False)) + list(clf._batches(enc, 1, True)) + list(clf._batches(one, 4, True))
     assert [unpadded for *_, unpadded in got] == [True, False, True, True, True, True, True]
     assert got[-1][0].tolist() == [0] and got[-1][1].tolist() == [[13, 14, 15, 16]] and got[-1][2].tolist() == [[1] * 4]

@@ -222,13 +222,7 @@ class EarlyExitClassifier:
         """Right-padded batches, sorted by length so little compute goes to padding, each with
         whether it is unpadded (all rows equally long), which the lengths tell for free."""
         n = len(enc)
-        if n == 1:  # one request (a server at batch 1): nothing to sort or pad
-            ids = torch.tensor(enc.ids, dtype=torch.long)
-            yield np.zeros(1, dtype=np.int64), ids, torch.ones_like(ids), True
-            return
-        order = np.argsort([-len(x) for x in enc.ids], kind="stable") if sort else np.arange(n)
-        pad = self.tokenizer.pad_token_id
-        pad = 0 if pad is None else int(pad)
+        order = np.argsort([-len(x) for x in enc.ids], kind="stable") if sort and n > 1 else np.arange(n)
         for start in range(0, n, batch_size):
             rows = order[start : start + batch_size]
             seqs = [enc.ids[i] for i in rows]
@@ -239,6 +233,7 @@ class EarlyExitClassifier:
             if min(lens) == width:
                 yield rows, torch.from_numpy(np.array(seqs, dtype=np.int64)), torch.ones((len(seqs), width), dtype=torch.long), True
                 continue
+            pad = 0 if self.tokenizer.pad_token_id is None else int(self.tokenizer.pad_token_id)
             ids = torch.tensor([list(s) + [pad] * (width - len(s)) for s in seqs], dtype=torch.long)
             mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], dtype=torch.long)
             yield rows, ids, mask, False
