@@ -15,11 +15,12 @@ the calibration split for two risks, and measured on the test split:
   which the risk's loss stays 0: for "gap", the first layer agreeing with the full model for good),
   savings_vs_oracle = layers saved / oracle layers saved;
 - wall_speedup at batch 32 and batch 1: full model vs early exit on the same test rows, timed
-  from token ids to predictions in the same run, interleaved and repeated (best of
-  ``timing_repeats``, so a background hiccup hits neither side alone; at batch 1 each row is timed
-  alone, one call per row as a server sees requests, and its best kept: passes of consecutive
-  requests with one setting, as a server runs, and, for comparison, full and early exit alternating
-  call by call, wall_speedup_b1_interleaved); tokenization timed
+  from token ids to predictions in the same run, batch by batch as a server sees requests (at
+  batch 1 each row alone), the two settings alternating full, early, early, full, ... per batch
+  (in runs of two calls at batch 1) and each batch's best per side kept (``timing_repeats`` calls per side at batch 32, twice that
+  at batch 1), so a hiccup or a drift of the machine hits neither side alone;
+  wall_speedup_b*_interleaved keeps only the calls that follow a call with the other setting,
+  for comparison (cache effects); tokenization timed
   separately; ideal_speedup = full layers / mean layers used on the timed rows (at batch 1 also
   weighted by each row's tokens, ideal_speedup_b1_token_weighted);
 - split_validity: over repeated random calibration/test splits of the recorded rows, the share
@@ -78,48 +79,42 @@ def _subsample(ts: Any, cap: int, seed: int) -> Any:
     return ts.take(rows)
 
 
-def _time(clf: Any, enc: Any, batch: int, repeats: int, **kw: Any) -> tuple[float, float, Any]:
-    """Best-of-``repeats`` seconds of the full model and of early exit (``kw``), interleaved, the
-    order alternating (full first, then early first, ...) so that neither side always runs second."""
-    best = {"full": float("inf"), "early": float("inf")}
-    pred = None
-    for r in range(repeats):
-        for side in ("full", "early") if r % 2 == 0 else ("early", "full"):
-            t0 = time.perf_counter()
-            out = clf.predict(enc, batch_size=batch, **(kw if side == "early" else {}))
-            best[side] = min(best[side], time.perf_counter() - t0)
-            if side == "early":
-                pred = out
-    return best["full"], best["early"], pred
+def _time_chunks(clf: Any, enc: Any, batch: int, calls: int, run: int, **kw: Any) -> dict[str, Any]:
+    """Seconds of the full model and of early exit (``kw``) on ``enc`` at ``batch``, timed per batch
+    as a server sees requests: the rows are cut into the batches ``predict`` makes (sorted by length),
+    each batch gets ``calls`` calls, half per side, and each side's best is kept, so a hiccup in
+    one batch costs nothing else. Per batch the sides alternate in runs of ``run`` calls, A B B A A B
+    ... (run 1) or A A B B B B A A ... (run 2): both are timed within a few calls of each other, so a
+    drift of the machine hits neither side alone (whole passes over the rows read single 30-layer
+    rows up to 20% apart), and half or more of the calls follow one with the same setting, as on a server that
+    runs one setting. Sums over batches of two bests:
 
-
-def _time_rows(clf: Any, enc: Any, repeats: int, **kw: Any) -> dict[str, Any]:
-    """Batch 1 as a server sees it, one request per call: each row is timed alone and its best of
-    ``repeats`` kept, so a hiccup in one row costs nothing else (single 30-layer rows read ±6% apart
-    between runs when whole passes were timed). Sums over rows, in two orders:
-
-    - "block" (the reported figure): a pass sends every row with one setting, as consecutive
-      requests reach a server with early exit on, or off; passes alternate which setting goes first,
-      so a drift of the machine hits neither side alone.
-    - "interleaved" (for comparison): per row, full and early exit alternate call by call. Each
-      early-exit call then follows full-model calls, whose later layers have pushed the first
-      layers' weights out of the cache (MiniLM's six layers are ~42 MB, the early-exit working set
-      ~14 MB): a cost no server running one setting pays, 5-10% of a MiniLM row exiting after 1.7 layers.
+    - "full"/"early" (the reported figure): best of all calls.
+    - "*_interleaved" (for comparison): best of the calls that follow a call with the other
+      setting. An early-exit call after a full-model call finds the first layers' weights pushed
+      out of the cache by the later layers (MiniLM's six layers are ~42 MB, the early-exit working
+      set ~14 MB, L3 32 MB here): a cost no server running one setting pays, 5-10% of a MiniLM row
+      exiting after 1.7 layers at batch 1. One call does not undo it at batch 1: in runs of 1,
+      MiniLM rows exiting after 1.5 layers read 0.87 of ideal where runs of 2 read >= 0.91, and
+      whole passes with one setting 0.96.
     """
     from stopwise.encoder.model import Encoded
 
-    rows = [Encoded([ids]) for ids in enc.ids]
-    inter = np.array([_time(clf, row, 1, repeats, **kw)[:2] for row in rows])
-    block = {"full": np.full(len(rows), np.inf), "early": np.full(len(rows), np.inf)}
-    for r in range(repeats):
-        for side in ("full", "early") if r % 2 == 0 else ("early", "full"):
-            for i, row in enumerate(rows):
-                t0 = time.perf_counter()
-                clf.predict(row, batch_size=1, **(kw if side == "early" else {}))
-                block[side][i] = min(block[side][i], time.perf_counter() - t0)
-    return {"full": float(block["full"].sum()), "early": float(block["early"].sum()),
-            "full_interleaved": float(inter[:, 0].sum()), "early_interleaved": float(inter[:, 1].sum()),
-            "prediction": clf.predict(enc, batch_size=1, **kw)}
+    order = np.argsort([-len(x) for x in enc.ids], kind="stable") if batch > 1 else np.arange(len(enc))
+    chunks = [Encoded([enc.ids[i] for i in order[s : s + batch]]) for s in range(0, len(enc), batch)]
+    best = {k: np.full(len(chunks), np.inf) for k in ("full", "early", "full_interleaved", "early_interleaved")}
+    prev = None
+    for i, chunk in enumerate(chunks):
+        for c in range(calls):
+            side = ("full", "early")[(c // run + 1) // 2 % 2]
+            t0 = time.perf_counter()
+            clf.predict(chunk, batch_size=batch, **(kw if side == "early" else {}))
+            dt = time.perf_counter() - t0
+            best[side][i] = min(best[side][i], dt)
+            if prev is not None and prev != side:
+                best[side + "_interleaved"][i] = min(best[side + "_interleaved"][i], dt)
+            prev = side
+    return {**{k: float(v.sum()) for k, v in best.items()}, "prediction": clf.predict(enc, batch_size=batch, **kw)}
 
 
 def run_one(backbone: str, task: str, ts: Any, *, max_length: int, n_time32: int, n_time1: int, repeats: int,
@@ -183,9 +178,12 @@ def _row(clf: Any, cal: Any, test: Any, both: Any, *, risk: str, rule_name: str,
     oracle = ev["oracle_mean_stages"]
     key = (rule_name, cert.lam)
     if key not in timings:
-        timings[key] = (_time(clf, encs[0], 32, timing_repeats, certificate=cert),
-                        _time_rows(clf, encs[1], timing_repeats, certificate=cert))
-    (f32, w32, p32), b1 = timings[key]
+        # Calls per batch and side: timing_repeats at batch 32; twice that at batch 1, whose calls
+        # are short (single MiniLM rows take ~2 ms, where a scheduler tick is a large share).
+        timings[key] = (_time_chunks(clf, encs[0], 32, 2 * timing_repeats, 1, certificate=cert),
+                        _time_chunks(clf, encs[1], 1, 4 * timing_repeats, 2, certificate=cert))
+    b32, b1 = timings[key]
+    f32, w32, p32 = b32["full"], b32["early"], b32["prediction"]
     f1, w1, p1 = b1["full"], b1["early"], b1["prediction"]
     n1 = len(encs[1])
     split = _split_shares(both, rule, n_cal=cal.n, repeats=repeats, epsilon=eps, risk=risk)
@@ -197,7 +195,8 @@ def _row(clf: Any, cal: Any, test: Any, both: Any, *, risk: str, rule_name: str,
         "mean_layers": mean_layers, "oracle_mean_layers": oracle, "n_layers": L,
         "savings_vs_oracle": (L - mean_layers) / (L - oracle) if L > oracle else 0.0,
         "ideal_speedup": L / mean_layers,
-        "wall_speedup_b32": f32 / w32, "ideal_speedup_b32": L / float(p32.exit_layer.mean()),
+        "wall_speedup_b32": f32 / w32,
+        "wall_speedup_b32_interleaved": b32["full_interleaved"] / b32["early_interleaved"], "ideal_speedup_b32": L / float(p32.exit_layer.mean()),
         "wall_speedup_b1": f1 / w1, "ideal_speedup_b1": L / float(p1.exit_layer.mean()),
         "wall_speedup_b1_interleaved": b1["full_interleaved"] / b1["early_interleaved"],
         "ideal_speedup_b1_token_weighted": _token_weighted_ideal(encs[1], p1.exit_layer, L),
@@ -268,7 +267,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=None, help="random splits per validity check (default 200)")
     parser.add_argument("--smollm2-pooling", default="mean", choices=("mean", "last"))
     parser.add_argument("--timing-repeats", type=int, default=None,
-                        help="timing runs per side, best taken (default: 5 MiniLM, 3 SmolLM2)")
+                        help="timed calls per batch and side at batch 32, twice that at batch 1, best taken "
+                             "(default: 5 MiniLM, 3 SmolLM2)")
     args = parser.parse_args()
     import torch
 
