@@ -180,8 +180,8 @@ def _row(clf: Any, cal: Any, test: Any, both: Any, *, risk: str, rule_name: str,
     oracle = ev["oracle_mean_stages"]
     key = (rule_name, cert.lam)
     if key not in timings:
-        # Calls per batch and side: timing_repeats at batch 32; twice that at batch 1, whose calls
-        # are short (single MiniLM rows take ~2 ms, where a scheduler tick is a large share).
+        # Calls per side: timing_repeats over all rows at batch 32; twice that per row at batch 1,
+        # whose calls are short (single MiniLM rows take ~2 ms, where a scheduler tick is a large share).
         timings[key] = (_time_chunks(clf, encs[0], 32, 2 * timing_repeats, 1, certificate=cert),
                         _time_chunks(clf, encs[1], 1, 4 * timing_repeats, 2, certificate=cert))
     b32, b1 = timings[key]
@@ -197,8 +197,8 @@ def _row(clf: Any, cal: Any, test: Any, both: Any, *, risk: str, rule_name: str,
         "mean_layers": mean_layers, "oracle_mean_layers": oracle, "n_layers": L,
         "savings_vs_oracle": (L - mean_layers) / (L - oracle) if L > oracle else 0.0,
         "ideal_speedup": L / mean_layers,
-        "wall_speedup_b32": f32 / w32,
-        "wall_speedup_b32_interleaved": b32["full_interleaved"] / b32["early_interleaved"], "ideal_speedup_b32": L / float(p32.exit_layer.mean()),
+        "wall_speedup_b32": f32 / w32, "ideal_speedup_b32": L / float(p32.exit_layer.mean()),
+        "wall_speedup_b32_interleaved": b32["full_interleaved"] / b32["early_interleaved"],
         "wall_speedup_b1": f1 / w1, "ideal_speedup_b1": L / float(p1.exit_layer.mean()),
         "wall_speedup_b1_interleaved": b1["full_interleaved"] / b1["early_interleaved"],
         "ideal_speedup_b1_token_weighted": _token_weighted_ideal(encs[1], p1.exit_layer, L),
@@ -269,7 +269,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=None, help="random splits per validity check (default 200)")
     parser.add_argument("--smollm2-pooling", default="mean", choices=("mean", "last"))
     parser.add_argument("--timing-repeats", type=int, default=None,
-                        help="timed calls per batch and side at batch 32, twice that at batch 1, best taken "
+                        help="timed calls per side over all rows at batch 32, twice that per row at batch 1, best taken "
                              "(default: 5 MiniLM, 3 SmolLM2)")
     args = parser.parse_args()
     import torch
