@@ -23,8 +23,8 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
+from stopwise.decoder import train  # noqa: E402
 from stopwise.decoder.api import Decoder  # noqa: E402
-from stopwise.decoder.backbone import append_tokens  # noqa: E402
 from stopwise.decoder.heads import LowRank  # noqa: E402
 from stopwise.decoder.train import draft_vocabulary, training_sequences  # noqa: E402
 
@@ -45,24 +45,15 @@ seqs = [s[:192] for s in seqs if len(s) >= 8]
 print(f"{len(seqs)} sequences, {sum(map(len, seqs))} tokens, {time.time() - t0:.0f}s", file=sys.stderr, flush=True)
 
 
-@torch.inference_mode()
 def collect():
+    """Every position of every sequence (the adapter attends over whole sequences): the project's
+    collector, one sequence per call with room for all its tokens."""
     out = []
     counts = torch.zeros(bb.vocab_size, dtype=torch.long)
     for s in seqs:
-        ids = torch.tensor([s])
-        st = bb.new_state(1)
-        pos = append_tokens(st, torch.ones_like(ids))
-        h = bb.embed(ids, pos)
-        emb = bb.rope(h, pos)
-        got, start = {}, 0
-        for stop in [*LAYERS, bb.n_layers]:
-            h = bb.run(h, st, start=start, stop=stop, positions=pos, emb=emb)
-            got[stop] = h[0].clone()
-            start = stop
-        top = bb.logits(h[0]).argmax(-1)
-        counts += torch.bincount(top, minlength=bb.vocab_size) + torch.bincount(ids[0], minlength=bb.vocab_size)
-        out.append((got, top.clone()))
+        got = train.collect(bb, [s], layers=LAYERS, max_tokens=len(s), max_length=len(s))
+        out.append(({**got["states"], bb.n_layers: got["final"]}, got["argmax"]))
+        counts += got["counts"]
     return out, counts
 
 
