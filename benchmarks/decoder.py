@@ -1,6 +1,8 @@
 """Decoder benchmark: SmolLM2-135M fp32, 2 threads. Tokens/s of transformers greedy, transformers
-assistant_early_exit, stopwise self-speculative, stopwise early exit at a certified ε, stopwise's own
-greedy loop; exactness of speculative vs transformers; batch-4 throughput.
+assistant_early_exit, transformers prompt lookup, stopwise self-speculative (default: drafts copied
+from the context where it repeats, else from the exit head; and each draft source alone), stopwise
+early exit at a certified ε, stopwise's own greedy loop; exactness of speculative vs transformers;
+batch-4 throughput.
 
     PYTHONPATH=src python benchmarks/decoder.py --json [--quick]
 """
@@ -101,6 +103,13 @@ def main() -> int:
         except Exception as exc:  # report, do not hide
             result[f"hf_assistant_early_exit_error_L{L}"] = repr(exc)
     result["hf_assistant_early_exit"] = None if best is None else {"layer": best[0], "tps": best[1]}
+    # transformers' own prompt lookup decoding (drafts from the context, Saxena 2023), the same idea
+    # as stopwise's context drafts: the baseline that shows what stopwise adds beyond it.
+    lookup_out = [hf(p, prompt_lookup_num_tokens=8) for p in test]
+    result["hf_prompt_lookup_tps"] = rate(lookup_out)
+    result["hf_prompt_lookup_identical_fraction"] = sum(
+        a[0] == b[0] for a, b in zip(lookup_out, hf_out, strict=False)) / len(test)
+    log(f"hf prompt lookup: {result['hf_prompt_lookup_tps']:.2f} tok/s")
 
     def ours(mode, **kw):
         outs = []
@@ -113,14 +122,36 @@ def main() -> int:
 
     own, _ = ours("full")
     result["own_greedy_tps"] = rate(own)
+    def same(outs):
+        return sum(a[0] == b[0] for a, b in zip(outs, hf_out, strict=False)) / len(test)
+
     spec, sstats = ours("speculative")
     result["speculative_tps"] = rate(spec)
-    result["identical_fraction"] = sum(a[0] == b[0] for a, b in zip(spec, hf_out, strict=False)) / len(test)
+    result["identical_fraction"] = same(spec)
     acc = [s["accepted"] for s in sstats], [s["drafted"] for s in sstats]
     result["acceptance_rate"] = sum(acc[0]) / max(1, sum(acc[1]))
+    result["context_drafts"] = {
+        "steps_share": sum(s["lookup_steps"] for s in sstats) / max(1, sum(s["steps"] for s in sstats)),
+        "acceptance_rate": sum(s["lookup_accepted"] for s in sstats) / max(1, sum(s["lookup_drafted"] for s in sstats)),
+        "block_costs": [round(c, 3) for c in dec.engine.block_costs(1, 8 + 6 + 2)],
+    }
+    # Each draft source alone: exit heads only (lookup off), context only (no heads).
+    head_only, hstats = ours("speculative", lookup=0)
+    result["speculative_exit_heads_only"] = {
+        "tps": rate(head_only), "identical_fraction": same(head_only),
+        "acceptance_rate": sum(s["accepted"] for s in hstats) / max(1, sum(s["drafted"] for s in hstats)),
+        "speedup_vs_hf_greedy": rate(head_only) / result["hf_greedy_tps"]}
+    dec.engine.heads = None
+    try:
+        ctx_only, _ = ours("speculative")
+    finally:
+        dec.engine.heads = dec.heads
+    result["speculative_context_only"] = {"tps": rate(ctx_only), "identical_fraction": same(ctx_only),
+                                          "speedup_vs_hf_greedy": rate(ctx_only) / result["hf_greedy_tps"]}
     result["mean_layers_per_token_speculative"] = sum(s["layers_per_token"] for s in sstats) / len(sstats)
     result["speedup_vs_hf_greedy"] = result["speculative_tps"] / result["hf_greedy_tps"]
     result["speculative_vs_own_greedy"] = result["speculative_tps"] / result["own_greedy_tps"]
+    result["speedup_vs_hf_prompt_lookup"] = result["speculative_tps"] / result["hf_prompt_lookup_tps"]
     if best is not None:
         result["speedup_vs_hf_assistant_early_exit"] = result["speculative_tps"] / best[1]
     log(f"speculative {result['speculative_tps']:.2f} tok/s, acceptance {result['acceptance_rate']:.3f}")

@@ -61,10 +61,10 @@ def test_speculative_greedy_is_exact(kind, layer):
     for draft_stop, adaptive in [(1.0, False), (0.5, True)]:
         for p, ref in zip(PROMPTS, refs, strict=False):
             s = eng.speculative([p], max_new_tokens=16, exit_layer=layer, draft_stop=draft_stop,
-                                adaptive_layer=adaptive, probe_every=2)
+                                adaptive_layer=adaptive, probe_every=2, lookup=0)
             assert s.extra_outputs[0] == ref
         batch = eng.speculative(PROMPTS, max_new_tokens=16, exit_layer=layer, draft_stop=draft_stop,
-                                adaptive_layer=adaptive, probe_every=2)
+                                adaptive_layer=adaptive, probe_every=2, lookup=0)
         assert batch.extra_outputs == refs
     assert 0.0 <= s.acceptance_rate <= 1.0
 
@@ -74,7 +74,7 @@ def test_speculative_full_vocab_and_eos():
     ref = eng.full([PROMPTS[0]], max_new_tokens=30).extra_outputs[0]
     eos = {ref[10]}
     stop = ref.index(ref[10]) + 1
-    s = eng.speculative([PROMPTS[0]], max_new_tokens=30, exit_layer=2, reduced=False, eos=eos)
+    s = eng.speculative([PROMPTS[0]], max_new_tokens=30, exit_layer=2, reduced=False, eos=eos, lookup=0)
     assert s.extra_outputs[0] == ref[:stop]
 
 
@@ -118,11 +118,97 @@ def test_speculative_sampling_is_seeded():
 
     def run(seed):
         g = torch.Generator().manual_seed(seed)
-        return eng.speculative(PROMPTS, max_new_tokens=10, exit_layer=2, temperature=1.0, generator=g).extra_outputs
+        return eng.speculative(PROMPTS, max_new_tokens=10, exit_layer=2, temperature=1.0, generator=g,
+                               lookup=0).extra_outputs
 
     first = run(0)
     assert run(0) == first and run(1) != first
     assert all(len(o) == 10 and all(0 <= t < 256 for t in o) for o in first)
+
+
+LINEAR = [1.0 + 0.05 * i for i in range(16)]  # block costs: fixed, so the drafts chosen do not follow the clock
+# Prompts that repeat themselves, so context drafts are offered from the first step, and one whose
+# first new token is new to it (both tiny models then repeat that token: context drafts after).
+LOOPY = [[5, 17, 42, 5, 17, 42, 5, 17], [7, 8, 7, 8, 7], [150, 60]]
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_speculative_with_context_drafts_is_exact(kind):
+    _, eng = engine(kind)
+    refs = [eng.full([p], max_new_tokens=24).extra_outputs[0] for p in LOOPY]
+    for heads in (eng.heads, None):  # with exit-head drafts where the context offers none; without heads
+        e = Engine(eng.bb, heads)
+        singles = [e.speculative([p], max_new_tokens=24, lookup=3, block_costs=LINEAR) for p in LOOPY]
+        assert [s.extra_outputs[0] for s in singles] == refs
+        assert heads is not None or sum(s.drafted for s in singles) == 0
+        batch = e.speculative(LOOPY, max_new_tokens=24, lookup=2, lookup_draft=5, block_costs=LINEAR)
+        assert batch.extra_outputs == refs
+        assert batch.lookup_steps > 0 and 0 < batch.lookup_accepted <= batch.lookup_drafted
+    off = eng.speculative(LOOPY, max_new_tokens=24, lookup=0, exit_layer=2)
+    assert off.extra_outputs == refs and off.lookup_steps == 0 and off.drafted > 0
+    # Measured block costs (the default) change which drafts are verified, never the output.
+    assert eng.speculative(LOOPY, max_new_tokens=24).extra_outputs == refs
+    costs = eng.block_costs(3, 14)
+    assert len(costs) == 14 and costs[0] == 1.0 and all(c > 0 for c in costs)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_exit_head_drafts_only_where_they_pay_plus_probes(kind):
+    _, eng = engine(kind)
+    p = [150, 60]  # its first new token is new to it: no context draft at the first step
+    ref = eng.full([p], max_new_tokens=24).extra_outputs[0]
+
+    def run(costs, probe_every):
+        s = eng.speculative([p], max_new_tokens=24, exit_layer=1, block_costs=costs, probe_every=probe_every,
+                            adaptive_layer=False)
+        assert s.extra_outputs[0] == ref
+        return s
+
+    # Verification as cheap as one position: a layer-1 draft (~0.2 of a step) pays at the prior rate 1/2.
+    assert run([1.0] * 16, 100).drafted > 0
+    # Verification that costs one step per position: it does not, and with probes 100 steps apart it never runs...
+    steep = [float(i) for i in range(1, 17)]
+    assert run(steep, 100).drafted == 0
+    # ...while probes every 2 steps without a head draft run it anyway, to re-measure its acceptance.
+    assert run(steep, 2).drafted > 0
+
+
+def test_speculative_context_drafts_with_eos_and_sampling_seeded():
+    _, eng = engine("llama", noise=0.3)
+    ref = eng.full([LOOPY[0]], max_new_tokens=30).extra_outputs[0]
+    eos = {ref[12]}
+    s = eng.speculative([LOOPY[0]], max_new_tokens=30, eos=eos)
+    assert s.extra_outputs[0] == ref[: ref.index(ref[12]) + 1]
+
+    def run(seed, heads):
+        g = torch.Generator().manual_seed(seed)
+        return Engine(eng.bb, heads).speculative(LOOPY, max_new_tokens=12, temperature=1.0, generator=g).extra_outputs
+
+    for heads in (eng.heads, None):
+        first = run(0, heads)
+        assert run(0, heads) == first and run(1, heads) != first
+        assert all(len(o) == 12 for o in first)
+
+
+def test_context_draft_verification_samples_the_target_exactly():
+    from stopwise.decoder.engine import _verify_fixed
+
+    n = 60_000
+    logits = torch.randn(1, 3, 6, generator=torch.Generator().manual_seed(3), dtype=torch.float64).expand(n, -1, -1)
+    p = torch.softmax(logits[0], dim=-1)
+    top = int(p[0].argmax())
+    drafts = torch.tensor([[top, 4]]).expand(n, -1)
+    lengths = [2, 0] * (n // 2)  # half the rows drafted two tokens, half none (their token is a plain draw)
+    new, n_acc = _verify_fixed(logits, drafts, lengths, 1.0, torch.Generator().manual_seed(0))
+    assert all(len(t) == a + 1 and a <= k for t, a, k in zip(new, n_acc, lengths, strict=True))
+    for rows in (range(0, n, 2), range(1, n, 2)):
+        first = torch.bincount(torch.tensor([new[r][0] for r in rows]), minlength=6).double() / len(rows)
+        assert torch.allclose(first, p[0], atol=0.012)  # 30k draws: 5 standard errors
+    # After an accepted first draft, the second token is again distributed as the target there.
+    second = torch.tensor([new[r][1] for r in range(0, n, 2) if new[r][0] == top])
+    assert len(second) > 2000
+    freq = torch.bincount(second, minlength=6).double() / len(second)
+    assert torch.allclose(freq, p[1], atol=5 * 0.5 / len(second) ** 0.5)
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
@@ -236,6 +322,16 @@ def test_errors():
         eng.early_exit(PROMPTS, max_new_tokens=4)
     with pytest.raises(stopwise.StopwiseError, match="non-increasing"):
         eng.early_exit(PROMPTS, max_new_tokens=3, schedule=[2, 3, 4])
+    bare = Engine(eng.bb)
+    with pytest.raises(stopwise.StopwiseError, match="needs exit heads"):
+        bare.speculative(PROMPTS, max_new_tokens=4, lookup=0)
+    with pytest.raises(stopwise.StopwiseError, match="'exit_layer' parameter needs exit heads"):
+        bare.speculative(PROMPTS, max_new_tokens=4, exit_layer=2)
+    with pytest.raises(stopwise.StopwiseError, match="'lookup_draft' parameter"):
+        eng.speculative(PROMPTS, max_new_tokens=4, lookup_draft=0)
+    for bad in ([], [1.0, -2.0], "fast", [float("nan")]):
+        with pytest.raises(stopwise.StopwiseError, match="'block_costs' parameter"):
+            eng.speculative(PROMPTS, max_new_tokens=4, block_costs=bad)
 
 
 def test_cli_import_is_torch_free():

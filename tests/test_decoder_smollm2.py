@@ -49,9 +49,12 @@ def test_full_and_speculative_equal_transformers_greedy(dec):
     for prompt in PROMPTS:
         ref = _hf_greedy(dec, prompt, 20)
         assert dec.generate(prompt, mode="full", max_new_tokens=20).token_ids[0] == ref
-        spec = dec.generate(prompt, mode="speculative", max_new_tokens=20, exit_layer=10, probe_every=3)
+        # Exit-head drafts only, then with context drafts where the context repeats (the default).
+        spec = dec.generate(prompt, mode="speculative", max_new_tokens=20, exit_layer=10, probe_every=3, lookup=0)
         assert spec.token_ids[0] == ref
-        assert spec.stats["acceptance_rate"] is not None
+        assert spec.stats["acceptance_rate"] is not None and spec.stats["lookup_steps"] == 0
+        both = dec.generate(prompt, mode="speculative", max_new_tokens=20, exit_layer=10, probe_every=3)
+        assert both.token_ids[0] == ref
 
 
 def test_streaming_and_stats(dec):

@@ -100,12 +100,14 @@ class Decoder:
 
         Args:
             mode: "full" (every layer; identical to ``model.generate`` greedy), "speculative"
-                (self-speculative, lossless) or "early_exit" (CALM, lossy, certified when the heads
+                (self-speculative, lossless; without heads, drafts from the context only) or "early_exit" (CALM, lossy, certified when the heads
                 carry a certificate).
             temperature: 0 for greedy; > 0 samples (with a ``torch.Generator`` seeded by ``seed``).
             on_token: called with (row, decoded text of the token) as tokens are committed.
             options: mode options: speculative ``exit_layer``, ``max_draft``, ``draft_stop``,
-                ``adaptive_layer``, ``reduced``; early exit ``rule`` (default: the certified one),
+                ``adaptive_layer``, ``reduced``, ``lookup`` (drafts copied from the context where it
+                repeats: longest n-gram matched, default 3, 0 off), ``lookup_draft``, ``block_costs``;
+                early exit ``rule`` (default: the certified one),
                 ``exit_layers``, ``schedule``, ``lams`` (one λ of ``rule`` per prompt of a batch; None:
                 never exit; ``stats["row_layers_per_token"]`` gives each row's cost).
         Returns:

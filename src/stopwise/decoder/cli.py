@@ -45,6 +45,8 @@ def register_cli(subparsers: Any) -> None:
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lookup", type=int, default=None,
+                   help="speculative: longest n-gram matched to draft from the context (default 3; 0: exit heads only)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("bench", help="run benchmarks/decoder.py-style timing on a few prompts")
@@ -118,15 +120,22 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from stopwise._errors import StopwiseError
+
+    if args.lookup is not None and args.mode != "speculative":
+        raise StopwiseError(f"--lookup applies to --mode speculative only. Got --mode {args.mode}.")
     dec = _setup(args)
+    options: dict[str, Any] = {} if args.lookup is None else {"lookup": args.lookup}
+    if args.mode == "speculative" and dec.heads is None:
+        print(f"[no exit heads at {args.heads}: drafts come from the context only]", file=sys.stderr)
     prompt: Any = [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
     if args.json:
         out = dec.generate(prompt, mode=args.mode, max_new_tokens=args.max_new_tokens,
-                           temperature=args.temperature, seed=args.seed)
+                           temperature=args.temperature, seed=args.seed, **options)
         _print({"text": out.text, "stats": out.stats}, args, out.text)
         return 0
     for piece in dec.stream(prompt, mode=args.mode, max_new_tokens=args.max_new_tokens,
-                            temperature=args.temperature, seed=args.seed):
+                            temperature=args.temperature, seed=args.seed, **options):
         print(piece, end="", flush=True)
     stats = dec.last.stats
     print(f"\n[{stats['tokens_per_second']:.1f} tok/s, acceptance {stats['acceptance_rate']}, "
@@ -139,7 +148,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     dec = _setup(args)
     ps = [p["prompt"] for p in prompts("test", n=args.prompts)]
-    modes = ["full"] + (["speculative"] if dec.heads is not None else [])
+    modes = ["full", "speculative"]  # without heads, speculative drafts from the context only
     if dec.heads is not None and dec.heads.certificate is not None:
         modes.append("early_exit")
     result: dict[str, Any] = {}

@@ -8,7 +8,9 @@ yet fed to the model; a step feeds them, picks the next tokens, and streams what
   the drafts with layers L..N in one pass that reuses the draft's KV cache for layers < L.
   Greedy output equals full greedy output; sampling uses the min(1, p/q) acceptance so the output
   distribution equals the full model's. Draft length stops adaptively on the draft's confidence
-  (SpecDec++, Huang et al. 2024) and the exit layer follows measured acceptance (DEL).
+  (SpecDec++, Huang et al. 2024) and the exit layer follows measured acceptance (DEL). Where a
+  row's context repeats itself, its draft is copied from the context instead (prompt lookup,
+  ``stopwise.decoder.lookup``), which costs no layer at all; the same verification keeps it exact.
 - ``early_exit`` (CALM, Schuster et al. 2022): each token leaves at the first candidate layer
   where a stopwise rule fires; skipped layers get K/V from the exited state (state propagation).
   ``schedule`` gives SkipDecode's batch-friendly alternative: one non-increasing exit layer per
@@ -30,6 +32,7 @@ import torch
 from stopwise._errors import StopwiseError
 from stopwise.decoder.backbone import Backbone, State, append_tokens, positions
 from stopwise.decoder.heads import ExitHeads
+from stopwise.decoder.lookup import Acceptance, best_block, check_lookup, context_draft
 from stopwise.decoder.sampling import accept_or_resample, sample
 from stopwise.rules.base import Stopper
 
@@ -49,6 +52,10 @@ class Stats:
     layers: float = 0.0  # decoder layers run per generated token (verification counted in full)
     exit_layers: list[int] = field(default_factory=list)
     exit_layer_trace: list[int] = field(default_factory=list)
+    # Speculative steps whose drafts came from the context (prompt lookup), and their tokens.
+    lookup_steps: int = 0
+    lookup_drafted: int = 0
+    lookup_accepted: int = 0
     extra_outputs: list[list[int]] = field(default_factory=list)  # generated token ids per row
     # Early exit: decoder layers each row ran per token it generated (its prompt's prefill counted
     # as the first token's N layers; steps after a row finished are not counted).
@@ -69,9 +76,11 @@ class Stats:
             "mode": self.mode, "new_tokens": self.new_tokens, "seconds": self.seconds, "steps": self.steps,
             "tokens_per_second": self.tokens_per_second, "acceptance_rate": self.acceptance_rate,
             "drafted": self.drafted, "accepted": self.accepted,
-            "mean_draft_length": self.drafted / self.steps if self.steps and self.drafted else None,
+            "mean_draft_length": self.drafted / (self.steps - self.lookup_steps) if self.drafted else None,
             "layers_per_token": self.layers / total,
             "exit_layer_histogram": _histogram(self.exit_layers), "exit_layer_trace": self.exit_layer_trace,
+            "lookup_steps": self.lookup_steps, "lookup_drafted": self.lookup_drafted,
+            "lookup_accepted": self.lookup_accepted,
             **({"row_layers_per_token": self.row_layers_per_token} if self.row_layers_per_token else {}),
         }
 
@@ -141,6 +150,7 @@ class Engine:
         self.heads = heads
         self.pad = pad_token_id
         self._last_cost = 0.0
+        self._costs: dict[tuple[int, int], list[float]] = {}
         self.device = backbone.lm_head.weight.device
         # Cost model for choosing an exit layer: fraction of a full step spent by a draft at layer l.
         d, _n = backbone.hidden_size, backbone.n_layers
@@ -215,46 +225,87 @@ class Engine:
     def speculative(self, prompts: list[list[int]], *, max_new_tokens: int, exit_layer: int | None = None,
                     max_draft: int = 6, draft_stop: float = 0.6, adaptive_layer: bool = True,
                     candidate_layers: list[int] | None = None, probe_every: int = 8, reduced: bool = True,
+                    lookup: int = 3, lookup_draft: int = 8, block_costs: Sequence[float] | None = None,
                     temperature: float = 0.0, generator: torch.Generator | None = None, eos: set[int] | None = None,
                     on_token: OnToken | None = None) -> Stats:
         """Self-speculative decoding; see the module docstring.
 
         ``draft_stop``: stop drafting when the draft's predicted probability that some drafted token
         is rejected, 1 - prod(draft confidence), exceeds it (SpecDec++); 1.0 always drafts
-        ``max_draft`` tokens. ``adaptive_layer``: every ``probe_every`` steps, score every candidate
-        layer's head on the verified tokens and move to the layer with the best expected speedup.
+        ``max_draft`` tokens. ``adaptive_layer``: every ``probe_every`` layer-drafted steps, score
+        every candidate layer's head on the verified tokens and move to the layer with the best
+        expected speedup. ``lookup``: longest n-gram matched in a row's context to copy up to
+        ``lookup_draft`` tokens from it (0: off). A step drafts from the context when that is
+        expected to pay (:func:`~stopwise.decoder.lookup.best_block`, from each match length's
+        running acceptance and ``block_costs``), else with the exit head. With ``lookup`` on, heads
+        are optional: without them a step without a context draft is a plain full-model step.
+        ``block_costs``: relative time of one pass over blocks of 1, 2, ... positions; None
+        measures them once per engine and batch size, before the clock starts (about 5 s for
+        SmolLM2 on 2 CPU threads, where a block of 3 positions takes longer than one of 8).
         """
-        if self.heads is None:
-            raise StopwiseError("Speculative decoding needs exit heads: pass heads=... (train them with `stopwise decoder train`).")
+        max_ngram, lookup_len = check_lookup(lookup, lookup_draft)
+        if self.heads is None and not max_ngram:
+            raise StopwiseError("Speculative decoding needs exit heads: pass heads=... (train them with `stopwise decoder train`), "
+                                "or draft from the context only with lookup >= 1.")
         heads, bb = self.heads, self.bb
-        candidates = sorted(candidate_layers or [x for x in heads.layers if x <= bb.n_layers * 2 // 3])
-        layer = exit_layer or self._best_prior_layer(candidates, max_draft, reduced)
-        if layer not in heads.layers:
-            raise StopwiseError(f"The 'exit_layer' parameter must be a layer with an exit head {heads.layers}. Got {layer!r} instead.")
-        candidates = sorted({*candidates, layer})
-        self._check_room(prompts, max_new_tokens, max_draft + 1)
+        layer, candidates = self._spec_layers(exit_layer, candidate_layers, max_draft, reduced)
+        self._check_room(prompts, max_new_tokens, max(max_draft, lookup_len if max_ngram else 0) + 1)
+        costs: list[float] = []
+        if max_ngram:
+            costs = (self.block_costs(len(prompts), lookup_len + max_draft + 2) if block_costs is None
+                     else _check_costs(block_costs))
+        acceptance = Acceptance()
         t0 = time.perf_counter()
         n = len(prompts)
         rows = Rows([[] for _ in prompts], [[] for _ in prompts], [False] * n, max_new_tokens, eos or set(), on_token)
         stats = Stats(mode="speculative", new_tokens=[])
-        alpha = {x: float(heads.training_info.get("agreement", {}).get(str(x), 0.5)) for x in candidates}
+        info = {} if heads is None else heads.training_info.get("agreement", {})
+        alpha = {x: float(info.get(str(x), 0.5)) for x in candidates}
         state, h = self.prefill(prompts)
         first = self._pick(bb.logits(h)[:, -1], temperature, generator)
         for r in range(n):
             rows.pending[r] = rows.commit(r, [int(first[r])])
         stats.layers += bb.n_layers * n
         alive = list(range(n))  # original row of each batch row; finished rows leave the batch
+        layer_steps = plain_steps = 0  # steps drafted by an exit head; other steps since the last one
         while not rows.all_done:
-            k_max = max(1, min(max_draft, rows.remaining() - 1)) if rows.remaining() > 1 else 0
-            probe = adaptive_layer and len(candidates) > 1 and stats.steps % probe_every == probe_every - 1
-            n_acc, k, new, pending, probes = self._spec_step(state, [rows.pending[r] for r in alive], layer, k_max,
-                                                             draft_stop, reduced, temperature, generator,
-                                                             candidates if probe else None)
+            pending_in = [rows.pending[r] for r in alive]
+            # Draft from the context where it repeats: no layer runs to make the draft, so it goes
+            # first whenever its expected tokens per unit of verification time beat a plain step.
+            found = [context_draft(prompts[r] + rows.out[r], max_ngram=max_ngram,
+                                   length=min(lookup_len, max_new_tokens - len(rows.out[r]) - 1)) if max_ngram else ([], 0)
+                     for r in alive]
+            m = max(len(p) for p in pending_in)
+            k = best_block(m, [(len(t), acceptance.rate(g)) for t, g in found], costs) if m <= len(costs) else 0
+            gamma = stats.drafted / (layer_steps * len(alive)) if layer_steps else max_draft / 2
+            # Exit-head drafts when they are expected to beat a plain step on this machine's block
+            # costs, and every probe_every-th step without them anyway, to re-measure (DEL).
+            use_heads = heads is not None and (not costs or plain_steps >= probe_every or self._heads_pay(
+                alpha[layer], gamma, layer, reduced, m, costs))
+            if (k and any(t for t, _ in found)) or not use_heads:
+                props = [t[:k] for t, _ in found] if k and any(t for t, _ in found) else [[] for _ in alive]
+                n_acc, new, pending = self._lookup_step(state, pending_in, props, k if any(props) else 0,
+                                                        temperature, generator)
+                acceptance.update([(g, len(t), a) for (_, g), t, a in zip(found, props, n_acc, strict=True) if t])
+                stats.lookup_steps += 1
+                stats.lookup_drafted += sum(len(p) for p in props)
+                stats.lookup_accepted += sum(n_acc)
+                plain_steps += 1
+                probes: dict[int, float] = {}
+            else:
+                # Draft with the exit head at `layer`.
+                k_max = max(1, min(max_draft, rows.remaining() - 1)) if rows.remaining() > 1 else 0
+                probe = adaptive_layer and len(candidates) > 1 and (
+                    layer_steps % probe_every == probe_every - 1 or plain_steps >= probe_every)
+                n_acc, k, new, pending, probes = self._spec_step(state, pending_in, layer, k_max, draft_stop, reduced,
+                                                                 temperature, generator, candidates if probe else None)
+                layer_steps += 1
+                plain_steps = 0
+                stats.drafted += k * len(alive)
+                stats.accepted += sum(n_acc)
+                stats.exit_layer_trace.append(layer)
             stats.steps += 1
-            stats.drafted += k * len(alive)
-            stats.accepted += sum(n_acc)
             stats.layers += self._last_cost
-            stats.exit_layer_trace.append(layer)
             for b, r in enumerate(alive):
                 rows.commit(r, new[b])
                 rows.pending[r] = pending[b]
@@ -267,9 +318,81 @@ class Engine:
             for x, agree in probes.items():
                 alpha[x] = 0.7 * alpha[x] + 0.3 * agree  # EMA: contexts drift within a generation
             if probes:
-                gamma = stats.drafted / max(1, stats.steps * n)
+                gamma = stats.drafted / max(1, layer_steps * len(alive))
                 layer = max(candidates, key=lambda x: self.expected_speedup(alpha[x], gamma, self.draft_cost(x, reduced)))
         return self._finish(stats, rows, t0)
+
+    @torch.inference_mode()
+    def block_costs(self, batch_size: int, upto: int) -> list[float]:
+        """Time of one pass of all layers over blocks of 1..``upto`` positions per row, relative
+        to 1 position, measured once per (batch size, upto) on a 32-position context: best of 3."""
+        key = (batch_size, upto)
+        if key not in self._costs:
+            bb = self.bb
+            state = bb.new_state(batch_size)
+            ids = torch.arange(32 * batch_size, device=self.device).reshape(batch_size, 32) % bb.vocab_size
+            pos = append_tokens(state, torch.ones_like(ids))
+            bb.run(bb.embed(ids, pos), state, start=0, stop=bb.n_layers, positions=pos)
+            best = [math.inf] * upto
+            for _rep in range(3):
+                for m in range(1, upto + 1):
+                    block = ids[:, :m]
+                    t = time.perf_counter()
+                    pos = append_tokens(state, torch.ones_like(block))
+                    bb.run(bb.embed(block, pos), state, start=0, stop=bb.n_layers, positions=pos)
+                    best[m - 1] = min(best[m - 1], time.perf_counter() - t)
+                    for i in range(bb.n_layers):
+                        state.crop(i, state.seen(i) - m)
+                    state.attn = state.attn[:, :-m]
+            self._costs[key] = [b / best[0] for b in best]
+        return self._costs[key]
+
+    def _spec_layers(self, exit_layer: int | None, candidate_layers: list[int] | None, max_draft: int,
+                     reduced: bool) -> tuple[int, list[int]]:
+        """The starting exit layer and the candidates DEL may move to (none without heads)."""
+        heads = self.heads
+        if heads is None:
+            if exit_layer is not None:
+                raise StopwiseError("The 'exit_layer' parameter needs exit heads; none are loaded.")
+            return 0, []
+        candidates = sorted(candidate_layers or [x for x in heads.layers if x <= self.bb.n_layers * 2 // 3])
+        layer = exit_layer or self._best_prior_layer(candidates, max_draft, reduced)
+        if layer not in heads.layers:
+            raise StopwiseError(f"The 'exit_layer' parameter must be a layer with an exit head {heads.layers}. Got {layer!r} instead.")
+        return layer, sorted({*candidates, layer})
+
+    def _lookup_step(self, state: State, pending_in: list[list[int]], props: list[list[int]], k: int, temperature: float,
+                     generator: torch.Generator | None) -> tuple[list[int], list[list[int]], list[list[int]]]:
+        """Verify context drafts (each <= k tokens): pending tokens and k draft positions per row
+        through all layers in one pass."""
+        bb, n = self.bb, len(pending_in)
+        ids, valid = _pad_block(pending_in, self.pad, self.device)
+        m = ids.shape[1]
+        lengths = [len(p) for p in props]
+        # Rows with shorter drafts are filled up to k; the filler is fed but never accepted, and
+        # the crop below drops it (every row's accepted count is <= its own draft length).
+        drafts = torch.tensor([p + [p[-1] if p else self.pad] * (k - len(p)) for p in props], dtype=torch.long,
+                              device=self.device).reshape(n, k)
+        block = torch.cat([ids, drafts], dim=1)
+        pos = append_tokens(state, torch.cat([valid, torch.ones_like(drafts)], dim=1))
+        h = bb.run(bb.embed(block, pos), state, start=0, stop=bb.n_layers, positions=pos)
+        new, n_acc = _verify_fixed(bb.logits(h[:, m - 1:]), drafts, lengths, temperature, generator)
+        a_min = min(n_acc)
+        drop = k - a_min
+        for i in range(bb.n_layers):
+            state.crop(i, state.seen(i) - drop)
+        state.attn = state.attn[:, : state.attn.shape[1] - drop]
+        self._last_cost = float(n * bb.n_layers * (m + k))
+        return n_acc, new, [new[r][a_min:] for r in range(n)]
+
+    def _heads_pay(self, alpha: float, gamma: float, layer: int, reduced: bool, m: int, costs: list[float]) -> bool:
+        """Whether an exit-head step (gamma drafts accepted at rate alpha) makes more tokens per unit
+        of time than a plain step, with the measured cost of verifying a block of m + gamma."""
+        g = max(1, round(gamma))
+        a = min(max(alpha, 1e-6), 1 - 1e-6)
+        tokens = (1 - a ** (g + 1)) / (1 - a)
+        seconds = g * self.draft_cost(layer, reduced) + costs[min(m + g, len(costs)) - 1]
+        return tokens / seconds > 1.0 / costs[min(m, len(costs)) - 1]
 
     def _best_prior_layer(self, candidates: list[int], max_draft: int, reduced: bool) -> int:
         assert self.heads is not None
@@ -601,6 +724,47 @@ class Engine:
         new_k[rows], new_k[gone], new_v[rows], new_v[gone] = k_rows, k_gone, v_rows, v_gone
         layer.keys, layer.values = torch.cat([keys, new_k], dim=-2), torch.cat([values, new_v], dim=-2)
         return h.index_copy(0, rows, h_rows)
+
+
+def _check_costs(costs: Sequence[float]) -> list[float]:
+    out = [float(c) for c in costs] if isinstance(costs, (list, tuple)) else []
+    if not out or not all(math.isfinite(c) and c > 0 for c in out):
+        raise StopwiseError(f"The 'block_costs' parameter of speculative decoding must be a non-empty list of positive "
+                            f"floats (relative time of blocks of 1, 2, ... positions). Got {costs!r} instead.")
+    return out
+
+
+def _verify_fixed(target_logits: torch.Tensor, drafts: torch.Tensor, lengths: list[int], temperature: float,
+                  generator: torch.Generator | None) -> tuple[list[list[int]], list[int]]:
+    """Per row: the accepted prefix of its first ``lengths[r]`` drafted tokens plus one token of
+    the full model. The drafts are deterministic (q is one-hot), so with sampling a draft x is
+    accepted with probability p(x) and a rejection redraws from p without x: exactly p."""
+    n, k = drafts.shape
+    if temperature <= 0:
+        target = target_logits.argmax(dim=-1)  # (n, k+1)
+        inside = torch.arange(k, device=drafts.device)[None, :] < torch.tensor(lengths, device=drafts.device)[:, None]
+        n_acc = ((drafts == target[:, :k]) & inside).to(torch.long).cumprod(dim=1).sum(dim=1).tolist() if k else [0] * n
+        return [drafts[r, : n_acc[r]].tolist() + [int(target[r, n_acc[r]])] for r in range(n)], n_acc
+    new: list[list[int]] = [[] for _ in range(n)]
+    n_acc, open_ = [0] * n, [True] * n
+    for j in range(k + 1):
+        p = _probs(target_logits[:, j], temperature)
+        if any(open_[r] and j < lengths[r] for r in range(n)):
+            q = torch.zeros_like(p)
+            q[torch.arange(n), drafts[:, j]] = 1.0
+            ok, tok = accept_or_resample(p, q, drafts[:, j], generator=generator)
+            for r in range(n):
+                if open_[r] and j < lengths[r]:
+                    new[r].append(int(tok[r]))
+                    n_acc[r] += int(ok[r])
+                    open_[r] = bool(ok[r])
+        if any(open_[r] and j == lengths[r] for r in range(n)):
+            bonus = sample(p, generator=generator)
+            for r in range(n):
+                if open_[r] and j == lengths[r]:
+                    new[r].append(int(bonus[r]))
+                    open_[r] = False
+    return new, n_acc
 
 
 def skip_schedule(*, n_layers: int, max_new_tokens: int, min_layer: int, max_layer: int | None = None) -> list[int]:
