@@ -171,6 +171,11 @@ def test_exit_head_drafts_only_where_they_pay_plus_probes(kind):
     assert run(steep, 100).drafted == 0
     # ...while probes every 2 steps without a head draft run it anyway, to re-measure its acceptance.
     assert run(steep, 2).drafted > 0
+    # Probes that find it still not paying back off: after 2, 4, 8, 16, 32 steps without it, so 3-5
+    # of ~55 steps (one in every three without the back-off).
+    s = eng.speculative([p], max_new_tokens=60, exit_layer=1, block_costs=steep, probe_every=2, adaptive_layer=False)
+    assert s.extra_outputs[0] == eng.full([p], max_new_tokens=60).extra_outputs[0]
+    assert 3 <= len(s.exit_layer_trace) <= 5 and s.steps > 40
 
 
 def test_speculative_context_drafts_with_eos_and_sampling_seeded():

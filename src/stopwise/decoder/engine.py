@@ -268,6 +268,7 @@ class Engine:
         stats.layers += bb.n_layers * n
         alive = list(range(n))  # original row of each batch row; finished rows leave the batch
         layer_steps = plain_steps = 0  # steps drafted by an exit head; other steps since the last one
+        explore_every = probe_every  # steps without exit-head drafts before one runs anyway, to probe
         while not rows.all_done:
             pending_in = [rows.pending[r] for r in alive]
             # Draft from the context where it repeats: no layer runs to make the draft, so it goes
@@ -279,8 +280,9 @@ class Engine:
             k = best_block(m, [(len(t), acceptance.rate(g)) for t, g in found], costs) if m <= len(costs) else 0
             gamma = stats.drafted / (layer_steps * len(alive)) if layer_steps else max_draft / 2
             # Exit-head drafts when they are expected to beat a plain step on this machine's block
-            # costs, and every probe_every-th step without them anyway, to re-measure (DEL).
-            use_heads = heads is not None and (not costs or plain_steps >= probe_every or self._heads_pay(
+            # costs, and after explore_every steps without them anyway, to re-measure (DEL).
+            explore = bool(costs) and plain_steps >= explore_every
+            use_heads = heads is not None and (not costs or explore or self._heads_pay(
                 alpha[layer], gamma, layer, reduced, m, costs))
             if (k and any(t for t, _ in found)) or not use_heads:
                 props = [t[:k] for t, _ in found] if k and any(t for t, _ in found) else [[] for _ in alive]
@@ -295,8 +297,7 @@ class Engine:
             else:
                 # Draft with the exit head at `layer`.
                 k_max = max(1, min(max_draft, rows.remaining() - 1)) if rows.remaining() > 1 else 0
-                probe = adaptive_layer and len(candidates) > 1 and (
-                    layer_steps % probe_every == probe_every - 1 or plain_steps >= probe_every)
+                probe = adaptive_layer and len(candidates) > 1 and (layer_steps % probe_every == probe_every - 1 or explore)
                 n_acc, k, new, pending, probes = self._spec_step(state, pending_in, layer, k_max, draft_stop, reduced,
                                                                  temperature, generator, candidates if probe else None)
                 layer_steps += 1
@@ -320,6 +321,11 @@ class Engine:
             if probes:
                 gamma = stats.drafted / max(1, layer_steps * len(alive))
                 layer = max(candidates, key=lambda x: self.expected_speedup(alpha[x], gamma, self.draft_cost(x, reduced)))
+            if explore and heads is not None:
+                # Probes that keep finding no paying head come ever less often (a poor head set
+                # would cost a share of every generation); one that pays resets the interval.
+                pays = self._heads_pay(alpha[layer], gamma, layer, reduced, m, costs)
+                explore_every = probe_every if pays else min(2 * explore_every, 64 * probe_every)
         return self._finish(stats, rows, t0)
 
     @torch.inference_mode()
