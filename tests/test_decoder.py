@@ -178,6 +178,16 @@ def test_exit_head_drafts_only_where_they_pay_plus_probes(kind):
     assert 3 <= len(s.exit_layer_trace) <= 5 and s.steps > 40
 
 
+def test_context_draft_blocks_stay_within_the_context_window():
+    # Costs that fall with the block size push the filler as far as allowed: never past the room
+    # the context check reserved (GPT-2's position table ends at 128).
+    model, eng = engine("gpt2")
+    prompt = [7, 8] * 49 + [7]  # 99 tokens: with 20 new ones and 9 of room, exactly 128
+    falling = [1.0 - 0.01 * i for i in range(16)]
+    ref = eng.full([prompt], max_new_tokens=20).extra_outputs[0]
+    assert eng.speculative([prompt], max_new_tokens=20, block_costs=falling).extra_outputs[0] == ref
+
+
 def test_speculative_context_drafts_with_eos_and_sampling_seeded():
     _, eng = engine("llama", noise=0.3)
     ref = eng.full([LOOPY[0]], max_new_tokens=30).extra_outputs[0]

@@ -277,7 +277,9 @@ class Engine:
                                    length=min(lookup_len, max_new_tokens - len(rows.out[r]) - 1)) if max_ngram else ([], 0)
                      for r in alive]
             m = max(len(p) for p in pending_in)
-            k = best_block(m, [(len(t), acceptance.rate(g)) for t, g in found], costs) if m <= len(costs) else 0
+            # At most lookup_draft positions, filler included: the room checked above.
+            k = best_block(m, [(len(t), acceptance.rate(g)) for t, g in found], costs[: m + lookup_len]) \
+                if m <= len(costs) else 0
             gamma = stats.drafted / (layer_steps * len(alive)) if layer_steps else max_draft / 2
             # Exit-head drafts when they are expected to beat a plain step on this machine's block
             # costs, and after explore_every steps without them anyway, to re-measure (DEL).
