@@ -173,9 +173,18 @@ def test_exit_head_drafts_only_where_they_pay_plus_probes(kind):
     assert run(steep, 2).drafted > 0
     # Probes that find it still not paying back off: after 2, 4, 8, 16, 32 steps without it, so 3-5
     # of ~55 steps (one in every three without the back-off).
+    eng.forget()
     s = eng.speculative([p], max_new_tokens=60, exit_layer=1, block_costs=steep, probe_every=2, adaptive_layer=False)
-    assert s.extra_outputs[0] == eng.full([p], max_new_tokens=60).extra_outputs[0]
+    ref60 = eng.full([p], max_new_tokens=60).extra_outputs[0]
+    assert s.extra_outputs[0] == ref60
     assert 3 <= len(s.exit_layer_trace) <= 5 and s.steps > 40
+    # The engine carries the back-off to the next call with the same heads and settings: fewer probes...
+    again = eng.speculative([p], max_new_tokens=60, exit_layer=1, block_costs=steep, probe_every=2, adaptive_layer=False)
+    assert again.extra_outputs[0] == ref60 and len(again.exit_layer_trace) < len(s.exit_layer_trace)
+    # ...until it forgets.
+    eng.forget()
+    fresh = eng.speculative([p], max_new_tokens=60, exit_layer=1, block_costs=steep, probe_every=2, adaptive_layer=False)
+    assert len(fresh.exit_layer_trace) == len(s.exit_layer_trace)
 
 
 def test_context_draft_blocks_stay_within_the_context_window():

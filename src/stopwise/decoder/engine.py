@@ -151,6 +151,9 @@ class Engine:
         self.pad = pad_token_id
         self._last_cost = 0.0
         self._costs: dict[tuple[int, int], list[float]] = {}
+        # Per head set and probe settings: exit-head acceptance per layer and the probe interval,
+        # carried from one speculative call to the next (see speculative()).
+        self._memory: dict[tuple[Any, ...], tuple[dict[int, float], int]] = {}
         self.device = backbone.lm_head.weight.device
         # Cost model for choosing an exit layer: fraction of a full step spent by a draft at layer l.
         d, _n = backbone.hidden_size, backbone.n_layers
@@ -239,6 +242,9 @@ class Engine:
         expected to pay (:func:`~stopwise.decoder.lookup.best_block`, from each match length's
         running acceptance and ``block_costs``), else with the exit head. With ``lookup`` on, heads
         are optional: without them a step without a context draft is a plain full-model step.
+        The engine carries each head set's measured acceptance per layer and its probe interval
+        from one call to the next (DEL tracks acceptance over a session), so a head set that does
+        not pay stops costing probes after the first generations; :meth:`forget` resets that.
         ``block_costs``: relative time of one pass over blocks of 1, 2, ... positions; None
         measures them once per engine and batch size, before the clock starts (about 5 s for
         SmolLM2 on 2 CPU threads, where a block of 3 positions takes longer than one of 8).
@@ -260,7 +266,10 @@ class Engine:
         rows = Rows([[] for _ in prompts], [[] for _ in prompts], [False] * n, max_new_tokens, eos or set(), on_token)
         stats = Stats(mode="speculative", new_tokens=[])
         info = {} if heads is None else heads.training_info.get("agreement", {})
-        alpha = {x: float(info.get(str(x), 0.5)) for x in candidates}
+        memory_key = (id(heads), tuple(candidates), probe_every, reduced, bool(costs))
+        alpha, explore_every = self._memory.get(memory_key, ({}, probe_every))
+        # explore_every: steps without exit-head drafts before one runs anyway, to probe.
+        alpha = {x: alpha.get(x, float(info.get(str(x), 0.5))) for x in candidates}
         state, h = self.prefill(prompts)
         first = self._pick(bb.logits(h)[:, -1], temperature, generator)
         for r in range(n):
@@ -268,7 +277,6 @@ class Engine:
         stats.layers += bb.n_layers * n
         alive = list(range(n))  # original row of each batch row; finished rows leave the batch
         layer_steps = plain_steps = 0  # steps drafted by an exit head; other steps since the last one
-        explore_every = probe_every  # steps without exit-head drafts before one runs anyway, to probe
         while not rows.all_done:
             pending_in = [rows.pending[r] for r in alive]
             # Draft from the context where it repeats: no layer runs to make the draft, so it goes
@@ -328,7 +336,13 @@ class Engine:
                 # would cost a share of every generation); one that pays resets the interval.
                 pays = self._heads_pay(alpha[layer], gamma, layer, reduced, m, costs)
                 explore_every = probe_every if pays else min(2 * explore_every, 64 * probe_every)
+        if heads is not None:
+            self._memory[memory_key] = (alpha, explore_every)
         return self._finish(stats, rows, t0)
+
+    def forget(self) -> None:
+        """Drop what speculative calls learned about the exit heads (acceptance, probe interval)."""
+        self._memory.clear()
 
     @torch.inference_mode()
     def block_costs(self, batch_size: int, upto: int) -> list[float]:
