@@ -66,6 +66,13 @@ class State:
         if drop > 0:
             self.cache.layers[layer].crop(-drop)
 
+    def drop_last(self, count: int) -> None:
+        """Forget the last ``count`` positions: every layer's cache and the validity mask."""
+        if count > 0:
+            for i in range(len(self.cache.layers)):
+                self.crop(i, self.seen(i) - count)
+            self.attn = self.attn[:, : self.attn.shape[1] - count]
+
 
 class Backbone:
     """A frozen causal LM seen as embed -> layers[0..N) -> norm -> LM head."""

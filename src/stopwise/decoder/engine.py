@@ -288,15 +288,16 @@ class Engine:
             # At most lookup_draft positions, filler included: the room checked above.
             k = best_block(m, [(len(t), acceptance.rate(g)) for t, g in found], costs[: m + lookup_len]) \
                 if m <= len(costs) else 0
+            context = k > 0 and any(t for t, _ in found)
             gamma = stats.drafted / (layer_steps * len(alive)) if layer_steps else max_draft / 2
             # Exit-head drafts when they are expected to beat a plain step on this machine's block
             # costs, and after explore_every steps without them anyway, to re-measure (DEL).
             explore = bool(costs) and plain_steps >= explore_every
-            use_heads = heads is not None and (not costs or explore or self._heads_pay(
+            use_heads = not context and heads is not None and (not costs or explore or self._heads_pay(
                 alpha[layer], gamma, layer, reduced, m, costs))
-            if (k and any(t for t, _ in found)) or not use_heads:
-                props = [t[:k] for t, _ in found] if k and any(t for t, _ in found) else [[] for _ in alive]
-                n_acc, new, pending = self._lookup_step(state, pending_in, props, k if any(props) else 0,
+            if not use_heads:  # context drafts, or a plain step
+                props = [t[:k] for t, _ in found] if context else [[] for _ in alive]
+                n_acc, new, pending = self._lookup_step(state, pending_in, props, k if context else 0,
                                                         temperature, generator)
                 acceptance.update([(g, len(t), a) for (_, g), t, a in zip(found, props, n_acc, strict=True) if t])
                 stats.lookup_steps += 1
@@ -363,9 +364,7 @@ class Engine:
                     pos = append_tokens(state, torch.ones_like(block))
                     bb.run(bb.embed(block, pos), state, start=0, stop=bb.n_layers, positions=pos)
                     best[m - 1] = min(best[m - 1], time.perf_counter() - t)
-                    for i in range(bb.n_layers):
-                        state.crop(i, state.seen(i) - m)
-                    state.attn = state.attn[:, :-m]
+                    state.drop_last(m)
             self._costs[key] = [b / best[0] for b in best]
         return self._costs[key]
 
@@ -392,7 +391,7 @@ class Engine:
         m = ids.shape[1]
         lengths = [len(p) for p in props]
         # Rows with shorter drafts are filled up to k; the filler is fed but never accepted, and
-        # the crop below drops it (every row's accepted count is <= its own draft length).
+        # drop_last below forgets it (every row's accepted count is <= its own draft length).
         drafts = torch.tensor([p + [p[-1] if p else self.pad] * (k - len(p)) for p in props], dtype=torch.long,
                               device=self.device).reshape(n, k)
         block = torch.cat([ids, drafts], dim=1)
@@ -400,10 +399,7 @@ class Engine:
         h = bb.run(bb.embed(block, pos), state, start=0, stop=bb.n_layers, positions=pos)
         new, n_acc = _verify_fixed(bb.logits(h[:, m - 1:]), drafts, lengths, temperature, generator)
         a_min = min(n_acc)
-        drop = k - a_min
-        for i in range(bb.n_layers):
-            state.crop(i, state.seen(i) - drop)
-        state.attn = state.attn[:, : state.attn.shape[1] - drop]
+        state.drop_last(k - a_min)
         self._last_cost = float(n * bb.n_layers * (m + k))
         return n_acc, new, [new[r][a_min:] for r in range(n)]
 
@@ -485,10 +481,7 @@ class Engine:
         new, n_acc = self._verify(target_logits, drafts, qs, reduced, temperature, generator)
         # Keep the cache of what every row accepted; rows that accepted more re-feed the rest next step.
         a_min = min(n_acc)
-        drop = k - a_min
-        for i in range(bb.n_layers):
-            state.crop(i, state.seen(i) - drop)
-        state.attn = state.attn[:, : state.attn.shape[1] - drop]
+        state.drop_last(k - a_min)
         pending = [new[r][a_min:] for r in range(n)]
         probes = self._probe(probe, layer, saved, hi_states, hs, m, target_logits, drafts, reduced) if probe else {}
         self._last_cost = float(n * bb.n_layers * (m + k))  # layer evaluations, all rows
@@ -499,11 +492,8 @@ class Engine:
         """Per row: accepted drafts plus one token from the full model (correction or bonus)."""
         n, k = target_logits.shape[0], len(drafts)
         d = torch.stack(drafts, dim=1) if drafts else torch.zeros((n, 0), dtype=torch.long, device=self.device)
-        if temperature <= 0:
-            target = target_logits.argmax(dim=-1)  # (n, k+1)
-            match = (d == target[:, :k]).to(torch.long)
-            n_acc = match.cumprod(dim=1).sum(dim=1).tolist() if k else [0] * n
-            return [d[r, : n_acc[r]].tolist() + [int(target[r, n_acc[r]])] for r in range(n)], n_acc
+        if temperature <= 0:  # greedy needs only the drafted tokens, as for context drafts
+            return _verify_fixed(target_logits, d, [k] * n, temperature, generator)
         heads = self.heads
         assert heads is not None
         new: list[list[int]] = [[] for _ in range(n)]
