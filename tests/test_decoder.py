@@ -150,6 +150,11 @@ def test_speculative_with_context_drafts_is_exact(kind):
     assert eng.speculative(LOOPY, max_new_tokens=24).extra_outputs == refs
     costs = eng.block_costs(3, 14)
     assert len(costs) == 14 and costs[0] == 1.0 and all(c > 0 for c in costs)
+    # The tables measured so far, the speculative calls' own included, are reported as copies.
+    measured = eng.measured_block_costs()
+    assert measured[(3, 14)] == costs and len(measured) >= 2
+    measured[(3, 14)][0] = 9.0
+    assert eng.block_costs(3, 14)[0] == 1.0
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])

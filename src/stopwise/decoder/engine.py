@@ -345,6 +345,10 @@ class Engine:
         """Drop what speculative calls learned about the exit heads (acceptance, probe interval)."""
         self._memory.clear()
 
+    def measured_block_costs(self) -> dict[tuple[int, int], list[float]]:
+        """The block-cost tables measured so far, keyed by (batch size, positions measured)."""
+        return {key: list(costs) for key, costs in self._costs.items()}
+
     @torch.inference_mode()
     def block_costs(self, batch_size: int, upto: int) -> list[float]:
         """Time of one pass of all layers over blocks of 1..``upto`` positions per row, relative
