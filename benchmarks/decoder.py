@@ -33,7 +33,7 @@ def main() -> int:
     ap.add_argument("--heads", default=None)
     ap.add_argument("--prompts", type=int, default=None, help="test prompts (default 54; the issue asks for >= 50)")
     ap.add_argument("--new-tokens", type=int, default=None, help="new tokens per prompt (default 128)")
-    ap.add_argument("--hf-layers", default=None, help="comma-separated assistant_early_exit layers; more than one: the best on a calibration sweep is timed (default 4,6,9,12,18,24)")
+    ap.add_argument("--hf-layers", default=None, help="comma-separated assistant_early_exit layers; more than one: the best on a calibration sweep is timed (default 1,2,3,4,6,9,12,18,24)")
     ap.add_argument("--hf-sweep-prompts", type=int, default=3,
                     help="calibration prompts on which the best assistant_early_exit layer is chosen")
     ap.add_argument("--hf-sweep-tokens", type=int, default=64, help="new tokens per prompt in that sweep")
@@ -102,7 +102,7 @@ def main() -> int:
             dec.engine.heads = dec.heads
         return g.token_ids[0], g.stats["seconds"], g.stats
 
-    hf_layers = [int(x) for x in args.hf_layers.split(",")] if args.hf_layers else ([10] if q else [4, 6, 9, 12, 18, 24])
+    hf_layers = [int(x) for x in args.hf_layers.split(",")] if args.hf_layers else ([10] if q else [1, 2, 3, 4, 6, 9, 12, 18, 24])
     if len(hf_layers) > 1:
         # (b) at its best L: at ~3 tok/s a full pass per layer would take ~40 min each, so L is chosen
         # on a few calibration prompts (not the test prompts), then only the best L is timed below.
