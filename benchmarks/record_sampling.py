@@ -31,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--batch-questions", type=int, default=2)
     parser.add_argument("--convert", action="store_true", help="only convert the checkpoint to the .npz trace")
+    parser.add_argument("--temperature", type=float, default=SETTINGS["temperature"],
+                        help="sampling temperature; other than 0.7, the recording goes to sampling_math_t<T>.jsonl")
     parser.add_argument("--deer", type=int, default=0, help="instead: record DEER full-thinking traces for this many problems")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -39,18 +41,23 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.deer:
         return record_deer(args.deer, threads=args.threads)
+    settings = {**SETTINGS, "temperature": args.temperature}
+    checkpoint, trace_path = CHECKPOINT, TRACE
+    if args.temperature != SETTINGS["temperature"]:
+        tag = f"_t{args.temperature:g}".replace(".", "")
+        checkpoint, trace_path = (DATA / f"sampling_math{tag}.jsonl", DATA / f"sampling_math{tag}.npz")
     if not args.convert:
         from stopwise.sampling.data import math_questions
         from stopwise.sampling.local import LocalBackend
 
         questions = math_questions(args.problems, seed=0)
         backend = LocalBackend("smollm2", system=SYSTEM, threads=args.threads, max_batch_rows=32)
-        status = record(questions, backend, CHECKPOINT, model="smollm2-135m-instruct", extract="number",
-                        batch_questions=args.batch_questions, limit=args.limit, **SETTINGS)
+        status = record(questions, backend, checkpoint, model="smollm2-135m-instruct", extract="number",
+                        batch_questions=args.batch_questions, limit=args.limit, **settings)
         print(status, file=sys.stderr)
     # Re-extract answers from the stored texts with the current extractor (as the benchmark does).
-    trace = convert(CHECKPOINT, TRACE, n_samples=SETTINGS["n"], extract="number")
-    print(f"{trace!r} -> {TRACE}", file=sys.stderr)
+    trace = convert(checkpoint, trace_path, n_samples=SETTINGS["n"], extract="number")
+    print(f"{trace!r} -> {trace_path}", file=sys.stderr)
     return 0
 
 

@@ -90,14 +90,14 @@ def certified_run(cal: Trace, test: Trace, *, epsilon: float, delta: float, risk
 
 
 def sampling_report(trace: Trace, *, epsilon: float, delta: float, acc_epsilon: float, seed: int,
-                    repeats: int) -> dict[str, Any]:
+                    repeats: int, certificate: Path = CERTIFICATE) -> dict[str, Any]:
     cal, test = trace.split(0.5, seed=seed)
     oracle = measure(test, oracle_halts(test))
     methods: dict[str, Any] = {"fixed_n": measure(test, np.full(test.n, test.n_stages - 1))}
     for name in BASELINES + ("settled",):
         methods[name if name != "settled" else "settled_default_lam"] = measure(
             test, sampling_rule(name, max_samples=test.n_stages).halts(test))
-    cert = certified_run(cal, test, epsilon=epsilon, delta=delta, risk="gap", save=CERTIFICATE)
+    cert = certified_run(cal, test, epsilon=epsilon, delta=delta, risk="gap", save=certificate)
     methods["certified"] = cert
     methods["certified_eps_0.1"] = certified_run(cal, test, epsilon=0.1, delta=delta, risk="gap")
     cert_acc = certified_run(cal, test, epsilon=acc_epsilon, delta=delta, risk="accuracy_drop")
@@ -131,7 +131,7 @@ def sampling_report(trace: Trace, *, epsilon: float, delta: float, acc_epsilon: 
         "delta": delta,
         "lam": cert["lam"],
         "certified": cert["certified"],
-        "certificate": str(CERTIFICATE.relative_to(HERE.parent)) if cert["certified"] else None,
+        "certificate": str(certificate) if cert["certified"] else None,
         "best_baseline": best,
         "best_baseline_saved_fraction": base[best]["samples_saved_fraction"],
         "best_baseline_accuracy_drop_points": base[best]["accuracy_drop_points"],
@@ -294,6 +294,13 @@ def deer_report(path: Path, *, lam: float, score: str, deer_epsilon: float = 0.2
     return out
 
 
+def _certificate_for(checkpoint: Path) -> Path:
+    """The committed recording's certificate keeps its name; another recording's sits beside it."""
+    if checkpoint.resolve() == CHECKPOINT:
+        return CERTIFICATE
+    return checkpoint.with_name(checkpoint.stem + "_certificate.json")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", action="store_true")
@@ -304,11 +311,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--deer-lam", type=float, default=0.95)
     parser.add_argument("--deer-score", default="mean")
+    parser.add_argument("--checkpoint", type=Path, default=CHECKPOINT,
+                        help="recorded samples (benchmarks/record_sampling.py; default: the committed T = 0.7 recording)")
+    parser.add_argument("--certificate", type=Path, default=None,
+                        help="where the certificate is written (default: beside the committed recording)")
     args = parser.parse_args(argv)
-    header, rows = read_checkpoint(CHECKPOINT)
+    header, rows = read_checkpoint(args.checkpoint)
     rows = [r for r in rows if len(r["samples"]) == N]
     if not rows:
-        print(f"No recorded problems in {CHECKPOINT}: run benchmarks/record_sampling.py first.", file=sys.stderr)
+        print(f"No recorded problems in {args.checkpoint}: run benchmarks/record_sampling.py first.", file=sys.stderr)
         return 1
     # Answers are re-extracted from the stored completions with the current extractor.
     trace = trace_from_records(rows, header=header, n_samples=N, extract="number")
@@ -319,7 +330,8 @@ def main(argv: list[str] | None = None) -> int:
         "complete": len(rows) >= 200,
     }
     report.update(sampling_report(trace, epsilon=args.epsilon, delta=args.delta, acc_epsilon=args.acc_epsilon,
-                                  seed=args.seed, repeats=args.repeats))
+                                  seed=args.seed, repeats=args.repeats,
+                                  certificate=args.certificate or _certificate_for(args.checkpoint)))
     report.update(deer_report(DEER_CHECKPOINT, lam=args.deer_lam, score=args.deer_score))
     report["dsc_allocator"] = allocator_report(trace, rows, seed=args.seed,
                                                cert_lam=report["lam"] if report["certified"] else None)
