@@ -247,7 +247,7 @@ class Engine:
         not pay stops costing probes after the first generations; :meth:`forget` resets that.
         ``block_costs``: relative time of one pass over blocks of 1, 2, ... positions; None
         measures them once per engine and batch size, before the clock starts (about 5 s for
-        SmolLM2 on 2 CPU threads, where a block of 3 positions takes longer than one of 8).
+        SmolLM2 on 2 CPU threads, where the table is not always monotone).
         """
         max_ngram, lookup_len = check_lookup(lookup, lookup_draft)
         if self.heads is None and not max_ngram:
@@ -281,9 +281,7 @@ class Engine:
             pending_in = [rows.pending[r] for r in alive]
             # Draft from the context where it repeats: no layer runs to make the draft, so it goes
             # first whenever its expected tokens per unit of verification time beat a plain step.
-            found = [context_draft(prompts[r] + rows.out[r], max_ngram=max_ngram,
-                                   length=min(lookup_len, max_new_tokens - len(rows.out[r]) - 1)) if max_ngram else ([], 0)
-                     for r in alive]
+            found = _context_drafts(prompts, rows, alive, max_ngram, lookup_len)
             m = max(len(p) for p in pending_in)
             # At most lookup_draft positions, filler included: the room checked above.
             k = best_block(m, [(len(t), acceptance.rate(g)) for t, g in found], costs[: m + lookup_len]) \
@@ -296,13 +294,8 @@ class Engine:
             use_heads = not context and heads is not None and (not costs or explore or self._heads_pay(
                 alpha[layer], gamma, layer, reduced, m, costs))
             if not use_heads:  # context drafts, or a plain step
-                props = [t[:k] for t, _ in found] if context else [[] for _ in alive]
-                n_acc, new, pending = self._lookup_step(state, pending_in, props, k if context else 0,
-                                                        temperature, generator)
-                acceptance.update([(g, len(t), a) for (_, g), t, a in zip(found, props, n_acc, strict=True) if t])
-                stats.lookup_steps += 1
-                stats.lookup_drafted += sum(len(p) for p in props)
-                stats.lookup_accepted += sum(n_acc)
+                new, pending = self._context_step(state, pending_in, found, k if context else 0, acceptance, stats,
+                                                  temperature, generator)
                 plain_steps += 1
                 probes: dict[int, float] = {}
             else:
@@ -321,12 +314,7 @@ class Engine:
             for b, r in enumerate(alive):
                 rows.commit(r, new[b])
                 rows.pending[r] = pending[b]
-            keep = [b for b, r in enumerate(alive) if not rows.done[r]]
-            if keep and len(keep) < len(alive):
-                index = torch.tensor(keep, device=self.device)
-                state.cache.batch_select_indices(index)
-                state.attn = state.attn[index]
-                alive = [alive[b] for b in keep]
+            alive = self._drop_finished(state, rows, alive)
             for x, agree in probes.items():
                 alpha[x] = 0.7 * alpha[x] + 0.3 * agree  # EMA: contexts drift within a generation
             if probes:
@@ -340,6 +328,29 @@ class Engine:
         if heads is not None:
             self._memory[memory_key] = (alpha, explore_every)
         return self._finish(stats, rows, t0)
+
+    def _context_step(self, state: State, pending_in: list[list[int]], found: list[tuple[list[int], int]], k: int,
+                      acceptance: Acceptance, stats: Stats, temperature: float,
+                      generator: torch.Generator | None) -> tuple[list[list[int]], list[list[int]]]:
+        """One step verifying the first ``k`` tokens of each row's context draft (0: a plain step);
+        updates the acceptance per match length and the stats; (new tokens, pending) per row."""
+        props = [t[:k] for t, _ in found] if k else [[] for _ in found]
+        n_acc, new, pending = self._lookup_step(state, pending_in, props, k, temperature, generator)
+        acceptance.update([(g, len(t), a) for (_, g), t, a in zip(found, props, n_acc, strict=True) if t])
+        stats.lookup_steps += 1
+        stats.lookup_drafted += sum(len(p) for p in props)
+        stats.lookup_accepted += sum(n_acc)
+        return new, pending
+
+    def _drop_finished(self, state: State, rows: Rows, alive: list[int]) -> list[int]:
+        """Remove finished rows from the batch (cache and mask): later steps run on fewer rows."""
+        keep = [b for b, r in enumerate(alive) if not rows.done[r]]
+        if keep and len(keep) < len(alive):
+            index = torch.tensor(keep, device=self.device)
+            state.cache.batch_select_indices(index)
+            state.attn = state.attn[index]
+            return [alive[b] for b in keep]
+        return alive
 
     def forget(self) -> None:
         """Drop what speculative calls learned about the exit heads (acceptance, probe interval)."""
@@ -740,6 +751,15 @@ class Engine:
         new_k[rows], new_k[gone], new_v[rows], new_v[gone] = k_rows, k_gone, v_rows, v_gone
         layer.keys, layer.values = torch.cat([keys, new_k], dim=-2), torch.cat([values, new_v], dim=-2)
         return h.index_copy(0, rows, h_rows)
+
+
+def _context_drafts(prompts: list[list[int]], rows: Rows, alive: list[int], max_ngram: int,
+                    lookup_len: int) -> list[tuple[list[int], int]]:
+    """Each running row's draft copied from its context and the n-gram length matched ([], 0: none)."""
+    if not max_ngram:
+        return [([], 0) for _ in alive]
+    return [context_draft(prompts[r] + rows.out[r], max_ngram=max_ngram,
+                          length=min(lookup_len, rows.max_new - len(rows.out[r]) - 1)) for r in alive]
 
 
 def _check_costs(costs: Sequence[float]) -> list[float]:
