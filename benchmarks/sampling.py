@@ -28,6 +28,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 
 from stopwise import CalibrationError, Signal, Trace, calibrate, hash_answers  # noqa: E402
+from stopwise.calibrate import table as stopwise_table  # noqa: E402
 from stopwise.rules.base import halts_from_z  # noqa: E402
 from stopwise.sampling.allocate import DifficultyAllocator  # noqa: E402
 from stopwise.sampling.backends import ReplayBackend  # noqa: E402
@@ -131,7 +132,7 @@ def sampling_report(trace: Trace, *, epsilon: float, delta: float, acc_epsilon: 
         "delta": delta,
         "lam": cert["lam"],
         "certified": cert["certified"],
-        "certificate": str(certificate) if cert["certified"] else None,
+        "certificate": _shown(certificate) if cert["certified"] else None,
         "best_baseline": best,
         "best_baseline_saved_fraction": base[best]["samples_saved_fraction"],
         "best_baseline_accuracy_drop_points": base[best]["accuracy_drop_points"],
@@ -144,7 +145,64 @@ def sampling_report(trace: Trace, *, epsilon: float, delta: float, acc_epsilon: 
                             "test_half_risk_above_epsilon_rate": float(np.mean(np.asarray(risks) > epsilon)),
                             "mean_samples_saved_fraction": float(np.mean(saved))},
         "methods": methods,
+        "hindsight": hindsight_report(cal, test, epsilon=epsilon),
     }
+
+
+def _count_cells(trace: Trace) -> list[list[tuple[int, int, int]]]:
+    """Per problem and sample k: (k, the running leader's count, the runner-up's count)."""
+    codes = trace.signals["sample"].astype(np.int64)
+    out = []
+    for row in codes:
+        counts: dict[int, int] = {}
+        cells = []
+        for k, code in enumerate(row.tolist()):
+            if code >= 0:
+                counts[code] = counts.get(code, 0) + 1
+            top = sorted(counts.values(), reverse=True) + [0, 0]
+            cells.append((k, top[0], top[1]))
+        out.append(cells)
+    return out
+
+
+def _best_saving(test: Trace, score: np.ndarray, epsilon: float) -> float:
+    """The most samples saved by "stop at the first score >= t" over t, with test gap <= ε."""
+    best = 0.0
+    for t in np.unique(score):
+        fires = score >= t
+        fires[:, -1] = True
+        halts = fires.argmax(axis=1)
+        if float((test.predictions_at(halts) != test.reference).mean()) <= epsilon:
+            best = max(best, float(1.0 - (halts + 1).mean() / test.n_stages))
+    return best
+
+
+def hindsight_report(cal: Trace, test: Trace, *, epsilon: float) -> dict[str, Any]:
+    """How far rules that see only the votes get on the test half when their threshold is chosen
+    on the test half itself (hindsight, no guarantee): a ceiling on what certifying can reach.
+
+    - ``vote_settled``: the certified family at the λ that saves most with test gap <= ε;
+    - ``count_cells``: a rule learned on the calibration half: the share of calibration problems
+      whose running vote at a cell (k, leader's count, runner-up's count) already equals their
+      N-sample vote and stays equal (a count-based estimate of P(settled | votes)), thresholded.
+    """
+    oracle = float(1.0 - (oracle_halts(test) + 1).mean() / test.n_stages)
+    tab = stopwise_table(test, sampling_rule("settled", max_samples=test.n_stages), "gap")
+    ok = tab.risk <= epsilon + 1e-12
+    settled = float(1.0 - tab.mean_stages[ok].min() / test.n_stages) if ok.any() else 0.0
+    stable = np.arange(cal.n_stages)[None, :] >= oracle_halts(cal)[:, None]
+    hits: dict[tuple[int, int, int], float] = {}
+    seen: dict[tuple[int, int, int], int] = {}
+    for i, cells in enumerate(_count_cells(cal)):
+        for k, cell in enumerate(cells):
+            hits[cell] = hits.get(cell, 0.0) + float(stable[i, k])
+            seen[cell] = seen.get(cell, 0) + 1
+    # One pseudo-count towards "not settled": a cell seen once does not decide on its own.
+    score = np.array([[hits.get(c, 0.0) / (seen.get(c, 0) + 1) for c in cells] for cells in _count_cells(test)])
+    cells = _best_saving(test, score, epsilon)
+    return {"epsilon": epsilon, "oracle_saved_fraction": oracle,
+            "vote_settled_saved_fraction": settled, "vote_settled_vs_oracle": settled / max(oracle, 1e-12),
+            "count_cells_saved_fraction": cells, "count_cells_vs_oracle": cells / max(oracle, 1e-12)}
 
 
 def rule_at_budget(test: Trace, z: np.ndarray, budget: int) -> tuple[float, np.ndarray, int | None]:
@@ -292,6 +350,14 @@ def deer_report(path: Path, *, lam: float, score: str, deer_epsilon: float = 0.2
     else:
         out["deer_headline"] = f"fixed λ = {lam} (paper default) on all {trace.n} problems"
     return out
+
+
+def _shown(path: Path) -> str:
+    """A path inside the repository relative to its root (results stay the same on every checkout)."""
+    try:
+        return str(path.resolve().relative_to(HERE.parent))
+    except ValueError:
+        return str(path)
 
 
 def _certificate_for(checkpoint: Path) -> Path:
