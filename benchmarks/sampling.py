@@ -37,7 +37,7 @@ from stopwise.sampling.data import Question  # noqa: E402
 from stopwise.sampling.deer import deer_trace, result_from_json  # noqa: E402
 from stopwise.sampling.extract import NumberExtractor  # noqa: E402
 from stopwise.sampling.record import read_checkpoint, trace_from_records  # noqa: E402
-from stopwise.sampling.rules import sampling_rule  # noqa: E402
+from stopwise.sampling.rules import _counts, sampling_rule  # noqa: E402
 
 CHECKPOINT = HERE / "data" / "sampling_math.jsonl"
 DEER_CHECKPOINT = HERE / "data" / "sampling_deer.jsonl"
@@ -152,29 +152,11 @@ def sampling_report(trace: Trace, *, epsilon: float, delta: float, acc_epsilon: 
 def _count_cells(trace: Trace) -> list[list[tuple[int, int, int]]]:
     """Per problem and sample k: (k, the running leader's count, the runner-up's count)."""
     codes = trace.signals["sample"].astype(np.int64)
-    out = []
-    for row in codes:
-        counts: dict[int, int] = {}
-        cells = []
-        for k, code in enumerate(row.tolist()):
-            if code >= 0:
-                counts[code] = counts.get(code, 0) + 1
-            top = sorted(counts.values(), reverse=True) + [0, 0]
-            cells.append((k, top[0], top[1]))
-        out.append(cells)
-    return out
-
-
-def _best_saving(test: Trace, score: np.ndarray, epsilon: float) -> float:
-    """The most samples saved by "stop at the first score >= t" over t, with test gap <= ε."""
-    best = 0.0
-    for t in np.unique(score):
-        fires = score >= t
-        fires[:, -1] = True
-        halts = fires.argmax(axis=1)
-        if float((test.predictions_at(halts) != test.reference).mean()) <= epsilon:
-            best = max(best, float(1.0 - (halts + 1).mean() / test.n_stages))
-    return best
+    columns = []
+    for k in range(trace.n_stages):
+        top = np.pad(_counts(codes[:, : k + 1]), ((0, 0), (0, 1)))  # a runner-up of 0 after one sample
+        columns.append([(k, int(a), int(b)) for a, b in top[:, :2]])
+    return [list(cells) for cells in zip(*columns, strict=True)]
 
 
 def hindsight_report(cal: Trace, test: Trace, *, epsilon: float) -> dict[str, Any]:
@@ -186,7 +168,7 @@ def hindsight_report(cal: Trace, test: Trace, *, epsilon: float) -> dict[str, An
       whose running vote at a cell (k, leader's count, runner-up's count) already equals their
       N-sample vote and stays equal (a count-based estimate of P(settled | votes)), thresholded.
     """
-    oracle = float(1.0 - (oracle_halts(test) + 1).mean() / test.n_stages)
+    oracle = measure(test, oracle_halts(test))["samples_saved_fraction"]
     tab = stopwise_table(test, sampling_rule("settled", max_samples=test.n_stages), "gap")
     ok = tab.risk <= epsilon + 1e-12
     settled = float(1.0 - tab.mean_stages[ok].min() / test.n_stages) if ok.any() else 0.0
@@ -199,7 +181,10 @@ def hindsight_report(cal: Trace, test: Trace, *, epsilon: float) -> dict[str, An
             seen[cell] = seen.get(cell, 0) + 1
     # One pseudo-count towards "not settled": a cell seen once does not decide on its own.
     score = np.array([[hits.get(c, 0.0) / (seen.get(c, 0) + 1) for c in cells] for cells in _count_cells(test)])
-    cells = _best_saving(test, score, epsilon)
+    # "Stop at the first score >= t": the t that saves most with test gap <= ε.
+    halts = [halts_from_z(score, test.lengths, float(t)) for t in np.unique(score)]
+    cells = max((measure(test, h)["samples_saved_fraction"] for h in halts
+                 if float((test.predictions_at(h) != test.reference).mean()) <= epsilon), default=0.0)
     return {"epsilon": epsilon, "oracle_saved_fraction": oracle,
             "vote_settled_saved_fraction": settled, "vote_settled_vs_oracle": settled / max(oracle, 1e-12),
             "count_cells_saved_fraction": cells, "count_cells_vs_oracle": cells / max(oracle, 1e-12)}
