@@ -89,6 +89,15 @@ def test_stopping_off_at_batch_1_is_bit_identical_to_the_bare_model_on_each_text
             for text in texts:
                 pred = clf.predict([text], batch_size=1)
                 assert torch.equal(torch.from_numpy(pred.probs), _bare_final_probs(clf, [text]))
+    # The filled weights are kept per shape, as ordinary tensors: a later call with autograd on
+    # (training code reusing the classifier) can read them.
+    shapes = {key[:2] for key in clf._unpadded_weights}
+    assert {(1, len(ids)) for ids in clf.tokenize(texts).ids} <= shapes
+    weights = next(iter(clf._unpadded_weights.values()))
+    assert not weights.is_inference()
+    hidden = torch.ones(weights.shape[0], weights.shape[2], 3, requires_grad=True)
+    torch.bmm(weights, hidden).sum().backward()
+    assert torch.allclose(hidden.grad, weights.transpose(1, 2).expand_as(hidden))
 
 
 def test_mean_weights_of_an_unpadded_batch_are_the_divided_ones():

@@ -129,6 +129,7 @@ class EarlyExitClassifier:
         self.certificate: Certificate | None = None
         self.training_info: dict[str, Any] = {}
         self._heads_id: tuple[tuple[int, ...], str] | None = None
+        self._unpadded_weights: dict[tuple[Any, ...], torch.Tensor] = {}
         self.base_id = f"{self.backbone.model_type}-{self.n_layers}x{self.hidden_size}-{_fingerprint_model(model)}"
         self._layer_params = sum(p.numel() for p in self.backbone.layers[0].parameters())
 
@@ -242,8 +243,25 @@ class EarlyExitClassifier:
     def _pooled(self, state: BatchState) -> torch.Tensor:
         hidden = self.backbone.output(state)
         if self.pooling == "mean" and state.mean_weights is None:
-            state.mean_weights = mean_weights(state.mask2d, hidden.dtype, unpadded=state.unpadded)
+            state.mean_weights = self._mean_weights(state, hidden.dtype)
         return pool(hidden, state.mask2d, self.pooling, weights=state.mean_weights)
+
+    def _mean_weights(self, state: BatchState, dtype: torch.dtype) -> torch.Tensor:
+        if not state.unpadded:
+            return mean_weights(state.mask2d, dtype)
+        # Without padding the weights depend on the batch's shape alone, so they are built once
+        # per shape: right after a layer has filled the caches, building them took 25-40 µs, a
+        # third of a batch-1 exit head (benchmarks/encoder_overhead.py). Built outside inference
+        # mode so that any later call may read them; nothing writes to them.
+        key = (*state.mask2d.shape, dtype, state.mask2d.device)
+        weights = self._unpadded_weights.get(key)
+        if weights is None:
+            with torch.inference_mode(False):
+                weights = mean_weights(state.mask2d, dtype, unpadded=True)
+            if len(self._unpadded_weights) >= 1024:  # one per (rows, tokens): bounded by batch x length
+                self._unpadded_weights.clear()
+            self._unpadded_weights[key] = weights
+        return weights
 
     @torch.inference_mode()
     def features(self, texts: Any, *, batch_size: int = 32, progress: bool = True) -> torch.Tensor:

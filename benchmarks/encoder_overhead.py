@@ -1,0 +1,131 @@
+"""Where batch-1 early exit loses to its ideal: the cost predict adds around the backbone's layers.
+
+MiniLM-L6 on BBC News articles (48 tokens, the encoder benchmark's setting), certified max_prob
+rules at ε in {0.005, 0.01, 0.02} (accuracy drop, δ = 0.1). For each test row, alone, four calls
+rotate R times and each keeps its best: ``predict`` with the full model, ``predict`` with the
+certificate, and the bare backbone (embeddings, then layers, nothing else) for all layers and for
+the layers that row's early exit ran. So:
+
+- ``full_overhead_us``: predict's full model minus the bare layers, per row (tokens in, probs out:
+  checks, batching, pooling, the final head);
+- ``early_overhead_us``: predict with early exit minus the bare layers it ran, per row;
+  ``early_overhead_per_layer_us`` divides it by the mean layers run (one head and one rule step each);
+- ``wall_over_ideal``: wall speedup / (layers / mean layers); ``bare_wall_over_ideal``: the same for
+  the bare backbone, the ceiling when predict adds nothing but its layers;
+- ``cold_op_us`` vs ``warm_op_us``: one tiny numpy call right after a layer (each layer's weights
+  push the interpreter's and numpy's working set out of the caches) vs the same call in a tight
+  loop. The head and the rule step are a dozen such calls, which is why they cost far more per
+  layer inside predict than any micro-benchmark of them says.
+
+    PYTHONPATH=src python benchmarks/encoder_overhead.py --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import timeit
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+EPSILONS = (0.005, 0.01, 0.02)
+
+
+def _bare(clf: Any, enc: Any, k: int) -> None:
+    _, ids, mask, unpadded = next(iter(clf._batches(enc, 1, True)))
+    state = clf.backbone.start(ids, mask, unpadded=unpadded)
+    for j in range(k):
+        clf.backbone.layer(j, state)
+
+
+def _per_row(clf: Any, rows: list[Any], cert: Any, repeats: int) -> dict[str, Any]:
+    import torch
+
+    exits = np.array([int(clf.predict(r, batch_size=1, certificate=cert).exit_layer[0]) for r in rows])
+    best = np.full((len(rows), 4), np.inf)
+    for i, row in enumerate(rows):
+        calls = (lambda r=row: clf.predict(r, batch_size=1), lambda r=row: clf.predict(r, batch_size=1, certificate=cert),
+                 lambda r=row: _bare(clf, r, clf.n_layers), lambda r=row, k=int(exits[i]): _bare(clf, r, k))
+        with torch.inference_mode():
+            for _ in range(repeats):
+                for j, call in enumerate(calls):
+                    t0 = time.perf_counter()
+                    call()
+                    best[i, j] = min(best[i, j], time.perf_counter() - t0)
+    full, early, bare_all, bare_k = (1e6 * best).T
+    ideal = clf.n_layers / exits.mean()
+    return {
+        "lam": cert.lam, "mean_layers": float(exits.mean()), "ideal_speedup": float(ideal),
+        "full_us": float(full.mean()), "early_us": float(early.mean()),
+        "full_overhead_us": float(np.mean(full - bare_all)), "early_overhead_us": float(np.mean(early - bare_k)),
+        "early_overhead_per_layer_us": float(np.mean(early - bare_k) / exits.mean()),
+        "wall_over_ideal": float(full.sum() / early.sum() / ideal),
+        "bare_wall_over_ideal": float(bare_all.sum() / bare_k.sum() / ideal),
+    }
+
+
+def _op_costs(clf: Any, row: Any, ops: int = 5) -> dict[str, float]:
+    """One tiny numpy call after each layer vs in a tight loop (µs per call, best of 7)."""
+    import torch
+
+    a = np.zeros((1, 5))
+    _, ids, mask, unpadded = next(iter(clf._batches(row, 1, True)))
+
+    def layers(extra: int) -> None:
+        state = clf.backbone.start(ids, mask, unpadded=unpadded)
+        for k in range(clf.n_layers):
+            clf.backbone.layer(k, state)
+            for _ in range(extra):
+                a.max(axis=1)
+
+    with torch.inference_mode():
+        plain, with_ops = ([min(timeit.repeat(lambda e=e: layers(e), number=10, repeat=7)) / 10 for e in (0, ops)])
+    warm = min(timeit.repeat(lambda: a.max(axis=1), number=10_000, repeat=5)) / 10_000
+    return {"cold_op_us": 1e6 * (with_ops - plain) / (ops * clf.n_layers), "warm_op_us": 1e6 * warm}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    parser.add_argument("--rows", type=int, default=48, help="test rows timed, each alone")
+    parser.add_argument("--repeats", type=int, default=8, help="rotations of the four calls per row (best kept)")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    import encoder as bench
+    import torch
+
+    import stopwise as sw
+    from stopwise.encoder import recipes
+    from stopwise.encoder.model import Encoded
+
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    t0 = time.perf_counter()
+    data = bench._subsample(bench._tasks(False)["bbc_articles"](), 2400, seed=0)
+    prep = recipes.prepare(data, base="minilm", max_length=48, progress=False, pooling="mean")
+    clf, cal = prep.clf, prep.trace("cal")
+    enc = clf.tokenize(prep.texts("test"))
+    rows = [Encoded([ids]) for ids in enc.ids[: args.rows]]
+    results = []
+    for eps in EPSILONS:
+        cert = sw.calibrate(cal, sw.make_rule("max_prob"), epsilon=eps, delta=0.1, risk="accuracy_drop")
+        results.append({"epsilon": eps, **_per_row(clf, rows, cert, args.repeats)})
+    out = {"benchmark": "encoder_overhead", "backbone": "minilm", "task": "bbc_articles", "max_length": 48,
+           "rows": len(rows), "repeats": args.repeats, "threads": args.threads, "results": results,
+           **_op_costs(clf, rows[0]), "seconds": time.perf_counter() - t0}
+    print(json.dumps(out, indent=None if args.json else 2, sort_keys=True))
+
+
+if __name__ == "__main__":
+    main()
