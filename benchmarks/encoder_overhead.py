@@ -42,11 +42,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 EPSILONS = (0.005, 0.01, 0.02)
 
 
-def _bare(clf: Any, enc: Any, k: int) -> None:
+_TINY = np.zeros((1, 5))
+
+
+def _bare(clf: Any, enc: Any, k: int, *, calls_after_each: int = 0) -> None:
+    """Embeddings and the first ``k`` layers of one row, nothing else; ``calls_after_each`` tiny
+    numpy calls after every layer (for ``cold_op_us``)."""
     _, ids, mask, unpadded = next(iter(clf._batches(enc, 1, True)))
     state = clf.backbone.start(ids, mask, unpadded=unpadded)
     for j in range(k):
         clf.backbone.layer(j, state)
+        for _ in range(calls_after_each):
+            _TINY.max(axis=1)
 
 
 def _per_row(clf: Any, rows: list[Any], cert: Any, repeats: int) -> dict[str, Any]:
@@ -80,24 +87,14 @@ def _op_costs(clf: Any, row: Any, ops: int = 20, rounds: int = 15) -> dict[str, 
     of each kept); and the same call in a tight loop. µs per call."""
     import torch
 
-    a = np.zeros((1, 5))
-    _, ids, mask, unpadded = next(iter(clf._batches(row, 1, True)))
-
-    def layers(extra: int) -> None:
-        state = clf.backbone.start(ids, mask, unpadded=unpadded)
-        for k in range(clf.n_layers):
-            clf.backbone.layer(k, state)
-            for _ in range(extra):
-                a.max(axis=1)
-
     best = {0: np.inf, ops: np.inf}
     with torch.inference_mode():
         for r in range(rounds):
             for extra in ((0, ops) if r % 2 else (ops, 0)):
                 t0 = time.perf_counter()
-                layers(extra)
+                _bare(clf, row, clf.n_layers, calls_after_each=extra)
                 best[extra] = min(best[extra], time.perf_counter() - t0)
-    warm = min(timeit.repeat(lambda: a.max(axis=1), number=10_000, repeat=5)) / 10_000
+    warm = min(timeit.repeat(lambda: _TINY.max(axis=1), number=10_000, repeat=5)) / 10_000
     return {"cold_op_us": 1e6 * (best[ops] - best[0]) / (ops * clf.n_layers), "warm_op_us": 1e6 * warm}
 
 
