@@ -1,10 +1,10 @@
 """Where batch-1 early exit loses to its ideal: the cost predict adds around the backbone's layers.
 
 MiniLM-L6 on BBC News articles (48 tokens, the encoder benchmark's setting), certified max_prob
-rules at ε in {0.005, 0.01, 0.02} (accuracy drop, δ = 0.1). For each test row, alone, four calls
+rules at ε in {0.005, 0.01, 0.02} (accuracy drop, δ = 0.1). For each test row, alone, five calls
 rotate R times and each keeps its best: ``predict`` with the full model, ``predict`` with the
-certificate, and the bare backbone (embeddings, then layers, nothing else) for all layers and for
-the layers that row's early exit ran. So:
+certificate, the same rule through the general path, and the bare backbone (embeddings, then
+layers, nothing else) for all layers and for the layers that row's early exit ran. So:
 
 - ``full_overhead_us``: predict's full model minus the bare layers, per row (tokens in, probs out:
   checks, batching, pooling, the final head);
@@ -12,6 +12,9 @@ the layers that row's early exit ran. So:
   ``early_overhead_per_layer_us`` divides it by the mean layers run (one head and one rule step each);
 - ``wall_over_ideal``: wall speedup / (layers / mean layers); ``bare_wall_over_ideal``: the same for
   the bare backbone, the ceiling when predict adds nothing but its layers;
+- ``wall_over_ideal_via_stopper``: the same early exit decided through a StageBatch and a Stopper
+  step after every layer (the general path; a lone row under max_prob decides on the head's
+  tensor instead);
 - ``cold_op_us`` vs ``warm_op_us``: a tiny numpy call right after a layer (20 per layer, against none) (each layer's weights
   push the interpreter's and numpy's working set out of the caches) vs the same call in a tight
   loop. The head and the rule step are a dozen such calls, which is why they cost far more per
@@ -56,21 +59,35 @@ def _bare(clf: Any, enc: Any, k: int, *, calls_after_each: int = 0) -> None:
             _TINY.max(axis=1)
 
 
+def _via_stopper(lam: float) -> Any:
+    """max_prob at ``lam`` decided through the general path (StageBatch and Stopper after every
+    layer), which a lone row skips for rules that stop on the top probability alone."""
+    from stopwise.rules import MaxProb
+
+    class ViaStopper(MaxProb):
+        def top_prob_threshold(self, lam: float | None = None) -> float | None:
+            return None
+
+    return ViaStopper(lam=lam)
+
+
 def _per_row(clf: Any, rows: list[Any], cert: Any, repeats: int) -> dict[str, Any]:
     import torch
 
     exits = np.array([int(clf.predict(r, batch_size=1, certificate=cert).exit_layer[0]) for r in rows])
-    best = np.full((len(rows), 4), np.inf)
+    general = _via_stopper(cert.lam)
+    best = np.full((len(rows), 5), np.inf)
     for i, row in enumerate(rows):
         calls = (lambda r=row: clf.predict(r, batch_size=1), lambda r=row: clf.predict(r, batch_size=1, certificate=cert),
-                 lambda r=row: _bare(clf, r, clf.n_layers), lambda r=row, k=int(exits[i]): _bare(clf, r, k))
+                 lambda r=row: _bare(clf, r, clf.n_layers), lambda r=row, k=int(exits[i]): _bare(clf, r, k),
+                 lambda r=row: clf.predict(r, batch_size=1, rule=general))
         with torch.inference_mode():
             for _ in range(repeats):
                 for j, call in enumerate(calls):
                     t0 = time.perf_counter()
                     call()
                     best[i, j] = min(best[i, j], time.perf_counter() - t0)
-    full, early, bare_all, bare_k = (1e6 * best).T
+    full, early, bare_all, bare_k, via_stopper = (1e6 * best).T
     ideal = clf.n_layers / exits.mean()
     return {
         "lam": cert.lam, "mean_layers": float(exits.mean()), "ideal_speedup": float(ideal),
@@ -79,6 +96,8 @@ def _per_row(clf: Any, rows: list[Any], cert: Any, repeats: int) -> dict[str, An
         "early_overhead_per_layer_us": float(np.mean(early - bare_k) / exits.mean()),
         "wall_over_ideal": float(full.sum() / early.sum() / ideal),
         "bare_wall_over_ideal": float(bare_all.sum() / bare_k.sum() / ideal),
+        "early_via_stopper_us": float(via_stopper.mean()),
+        "wall_over_ideal_via_stopper": float(full.sum() / via_stopper.sum() / ideal),
     }
 
 
@@ -102,7 +121,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     parser.add_argument("--rows", type=int, default=48, help="test rows timed, each alone")
-    parser.add_argument("--repeats", type=int, default=8, help="rotations of the four calls per row (best kept)")
+    parser.add_argument("--repeats", type=int, default=8, help="rotations of the five calls per row (best kept)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     import encoder as bench

@@ -435,28 +435,33 @@ class EarlyExitClassifier:
         return Prediction(predictions=preds, probs=probs, exit_layer=exit_layer, cost=per_row,
                           class_names=self.class_names, seconds=seconds)
 
-    def _head_fn(self, heads_key: tuple[int, ...]) -> Callable[[int, BatchState], np.ndarray]:
-        """Probabilities of head k on the batch, for one predict call. Linear heads multiply by
-        their folded weights directly (the same tensors and op as :meth:`ExitHeads.logits`, so
-        online and recorded probabilities agree bit for bit)."""
+    def _head_fn(self, heads_key: tuple[int, ...]) -> Callable[[int, BatchState], torch.Tensor]:
+        """Probabilities of head k on the batch (the head's dtype), for one predict call. Linear
+        heads multiply by their folded weights directly (the same tensors and op as
+        :meth:`ExitHeads.logits`, so online and recorded probabilities agree bit for bit)."""
         folded = self.heads.folded(heads_key)
         dtype = self.heads.dtype
 
-        def head(k: int, state: BatchState) -> np.ndarray:
+        def head(k: int, state: BatchState) -> torch.Tensor:
             pooled = self._pooled(state)
             if folded is None:
                 logits = self.heads.logits(k, pooled)
             else:
                 logits = F.linear(pooled if pooled.dtype == dtype else pooled.to(dtype), *folded[k])
-            return F.softmax(logits, dim=-1).double().numpy()
+            return F.softmax(logits, dim=-1)
 
         return head
 
     def _predict_group(self, group: list[tuple[np.ndarray, torch.Tensor, torch.Tensor, bool]], rule: Rule | None,
-                       head: Callable[[int, BatchState], np.ndarray], out: tuple[np.ndarray, np.ndarray, np.ndarray],
+                       head: Callable[[int, BatchState], torch.Tensor], out: tuple[np.ndarray, np.ndarray, np.ndarray],
                        batch_size: int, calls: list[int] | None) -> None:
         """Batches advancing layer by layer together; one stopper over all their rows, which sees
         them in the order of ``lives`` concatenated (kept through every select and re-pack)."""
+        if rule is not None and len(group) == 1 and len(group[0][0]) == 1:
+            t = rule.top_prob_threshold()
+            if t is not None:
+                self._predict_row(group[0], t, head, out, calls)
+                return
         preds, probs, exit_layer = out
         states = [self.backbone.start(ids, mask, unpadded=unpadded) for _, ids, mask, unpadded in group]
         lives = [np.asarray(rows) for rows, *_ in group]
@@ -470,7 +475,7 @@ class EarlyExitClassifier:
             if stopper is None and k < last:
                 continue  # full model: only the final head is read
             # One batch (always so at batch 1): no concatenation, each is a copy and an op.
-            p = head(k, states[0]) if len(states) == 1 else np.concatenate([head(k, state) for state in states])
+            p = _numpy(head(k, states[0])) if len(states) == 1 else np.concatenate([_numpy(head(k, st)) for st in states])
             live_all = lives[0] if len(lives) == 1 else np.concatenate(lives)
             stop = np.ones(len(live_all), bool) if stopper is None else stopper.step(
                 StageBatch(index=k, predictions=p.argmax(axis=1), probs=p), last=k == last)
@@ -481,6 +486,29 @@ class EarlyExitClassifier:
                 gone = live_all[stop]
                 preds[gone], probs[gone], exit_layer[gone] = p[stop].argmax(axis=1), p[stop], k + 1
                 states, lives = self._shrink(states, lives, ~stop, batch_size)
+
+    def _predict_row(self, batch: tuple[np.ndarray, torch.Tensor, torch.Tensor, bool], t: float,
+                     head: Callable[[int, BatchState], torch.Tensor], out: tuple[np.ndarray, np.ndarray, np.ndarray],
+                     calls: list[int] | None) -> None:
+        """One row alone under a rule that stops on the top probability only (max_prob, at
+        threshold ``t``). At batch 1 a StageBatch and a Stopper step after every layer cost more
+        than the head: the row is decided on the head's own tensor, whose largest value, converted
+        to float64, is exactly what the Stopper compares, so it stops at the same layer. Only the
+        answering head's probabilities are converted to numpy."""
+        preds, probs, exit_layer = out
+        rows, ids, mask, unpadded = batch
+        state = self.backbone.start(ids, mask, unpadded=unpadded)
+        last = self.n_layers - 1
+        for k in range(self.n_layers):
+            self.backbone.layer(k, state)
+            if calls is not None:
+                calls.append(1)
+            p = head(k, state)
+            # NaN never fires (the comparison is False), as in the Stopper.
+            if k == last or float(p.max()) >= t:
+                p64 = _numpy(p)
+                preds[rows], probs[rows], exit_layer[rows] = p64.argmax(axis=1), p64, k + 1
+                return
 
     def _shrink(self, states: list[BatchState], lives: list[np.ndarray], keep: np.ndarray,
                 batch_size: int) -> tuple[list[BatchState], list[np.ndarray]]:
@@ -573,6 +601,12 @@ class EarlyExitClassifier:
         rule_obj = make_rule(rule) if isinstance(rule, str) else rule
         self.certificate = calibrate(trace, rule_obj, **kwargs)
         return self.certificate
+
+
+def _numpy(probs: torch.Tensor) -> np.ndarray:
+    """Head probabilities as traces hold them (float64)."""
+    out: np.ndarray = probs.double().numpy()
+    return out
 
 
 def _check_class_names(names: Any) -> tuple[str, ...]:

@@ -124,6 +124,12 @@ class Rule(ABC):
         the exit heads of a rule that cannot fire before the last stage: it is the full model."""
         return math.inf if self.threshold(lam) == math.inf else 0.0
 
+    def top_prob_threshold(self, lam: float | None = None) -> float | None:
+        """The t such that this rule, at λ, stops a row at a stage exactly when that stage's top
+        class probability is >= t, whatever came before; None for any other rule. An adapter may
+        then decide a lone row on its own tensors, without a :class:`Stopper`."""
+        return None
+
     def halts(self, trace: Trace, lam: float | None = None) -> IntArray:
         """Offline: the stage at which each input stops (its last stage when the rule never fires)."""
         t = self.threshold(lam)

@@ -43,6 +43,9 @@ class MaxProb(Rule):
     def earliest_stop(self, lam: float | None = None) -> float:
         return math.inf if self.threshold(lam) > 1.0 else 0.0  # no probability exceeds 1
 
+    def top_prob_threshold(self, lam: float | None = None) -> float | None:
+        return self.threshold(lam)
+
 
 class Margin(Rule):
     """Stop when top-1 minus top-2 probability is >= λ."""
