@@ -21,15 +21,17 @@ the calibration split for two risks, and measured on the test split:
   batch 32, twice that at batch 1, per row), so a hiccup or a drift of the machine hits neither
   side alone;
   wall_speedup_b*_interleaved keeps only the calls that follow a call with the other setting,
-  for comparison (cache effects); tokenization timed
-  separately; ideal_speedup = full layers / mean layers used on the timed rows (at batch 1 also
-  weighted by each row's tokens, ideal_speedup_b1_token_weighted);
+  for comparison (cache effects); wall_over_ideal_halves_b* reads wall / ideal from each half of
+  the timed calls alone, two measurements of one figure whose difference is the machine's timing
+  noise (max_wall_over_ideal_half_difference at the top); tokenization timed separately;
+  ideal_speedup = full layers / mean layers used on the timed rows (at batch 1 also weighted by
+  each row's tokens, ideal_speedup_b1_token_weighted);
 - split_validity: over repeated random calibration/test splits of the recorded rows, the share
   whose certified rule had test accuracy gap <= ε (the issue's criterion) and test gap <= ε, and
   the bootstrap violation rate of the certified risk (i.i.d. calibration draws, risk on all rows:
   the exact check of the guarantee, must be <= δ + noise).
 
-    PYTHONPATH=src python benchmarks/encoder.py --json [--quick]
+    PYTHONPATH=src python benchmarks/encoder.py --json [--quick] [--backbones minilm] [--tasks bbc_articles]
 """
 
 from __future__ import annotations
@@ -104,7 +106,8 @@ def _time_chunks(clf: Any, enc: Any, batch: int, calls: int, run: int, **kw: Any
     from stopwise.encoder.model import Encoded
 
     chunks = [enc] if batch > 1 else [Encoded([ids]) for ids in enc.ids]
-    best = {k: np.full(len(chunks), np.inf) for k in ("full", "early", "full_interleaved", "early_interleaved")}
+    keys = ("full", "early", "full_interleaved", "early_interleaved", "full_half0", "early_half0", "full_half1", "early_half1")
+    best = {k: np.full(len(chunks), np.inf) for k in keys}
     prev = None
     for i, chunk in enumerate(chunks):
         for c in range(calls):
@@ -113,6 +116,10 @@ def _time_chunks(clf: Any, enc: Any, batch: int, calls: int, run: int, **kw: Any
             clf.predict(chunk, batch_size=batch, **(kw if side == "early" else {}))
             dt = time.perf_counter() - t0
             best[side][i] = min(best[side][i], dt)
+            # Each half of the calls holds both sides: two independent measurements of the same
+            # speedup, whose difference shows how far the machine's noise moves one.
+            half = f"{side}_half{int(c >= calls // 2)}"
+            best[half][i] = min(best[half][i], dt)
             if prev is not None and prev != side:
                 best[side + "_interleaved"][i] = min(best[side + "_interleaved"][i], dt)
             prev = side
@@ -201,6 +208,11 @@ def _row(clf: Any, cal: Any, test: Any, both: Any, *, risk: str, rule_name: str,
         "wall_speedup_b32_interleaved": b32["full_interleaved"] / b32["early_interleaved"],
         "wall_speedup_b1": f1 / w1, "ideal_speedup_b1": L / float(p1.exit_layer.mean()),
         "wall_speedup_b1_interleaved": b1["full_interleaved"] / b1["early_interleaved"],
+        # wall / ideal from each half of the timed calls alone (see _time_chunks): the noise of the figure.
+        "wall_over_ideal_halves_b32": [b32[f"full_half{h}"] / b32[f"early_half{h}"] / (L / float(p32.exit_layer.mean()))
+                                       for h in (0, 1)],
+        "wall_over_ideal_halves_b1": [b1[f"full_half{h}"] / b1[f"early_half{h}"] / (L / float(p1.exit_layer.mean()))
+                                      for h in (0, 1)],
         "ideal_speedup_b1_token_weighted": _token_weighted_ideal(encs[1], p1.exit_layer, L),
         # Absolute times, so fixed per-call cost can be told from layer cost when wall falls short of ideal.
         "ms_per_row_b32": {"full": 1e3 * f32 / len(encs[0]), "early": 1e3 * w32 / len(encs[0])},
@@ -257,6 +269,10 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
         "min_share_splits_gap_within_epsilon_gap_rows": min(
             (r["split_validity"]["share_gap_within_epsilon"] for r in gap_rows), default=None),
         "max_bootstrap_violation_rate": max((r["split_validity"]["bootstrap_violation_rate"] for r in rows), default=None),
+        # How far apart two halves of one row's timed calls read wall / ideal: the timing noise.
+        "max_wall_over_ideal_half_difference": max(
+            (abs(a - b) for r in rows for a, b in (r["wall_over_ideal_halves_b32"], r["wall_over_ideal_halves_b1"])),
+            default=None),
     }
 
 
@@ -266,12 +282,16 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small run: fewer rows, shorter texts, fewer repeats")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--backbones", default="minilm,smollm2")
+    parser.add_argument("--tasks", default=None, help="comma-separated tasks to run (default: each backbone's own)")
     parser.add_argument("--repeats", type=int, default=None, help="random splits per validity check (default 200)")
     parser.add_argument("--smollm2-pooling", default="mean", choices=("mean", "last"))
     parser.add_argument("--timing-repeats", type=int, default=None,
                         help="timed calls per side over all rows at batch 32, twice that per row at batch 1, best taken "
                              "(default: 5 MiniLM, 3 SmolLM2)")
     args = parser.parse_args()
+    known = ("bbc_articles", "bbc_sentences", "champ_steps")
+    if args.tasks is not None and not set(args.tasks.split(",")) <= set(known):
+        parser.error(f"--tasks must be a comma-separated list of {', '.join(known)}. Got {args.tasks!r} instead.")
     import torch
 
     torch.set_num_threads(args.threads)
@@ -295,7 +315,7 @@ def main() -> None:
         opts = dict(per_backbone[backbone])
         only = opts.pop("tasks")
         for task, load in _tasks(args.quick).items():
-            if only is not None and task not in only:
+            if (only is not None and task not in only) or (args.tasks is not None and task not in args.tasks.split(",")):
                 continue
             ts = _subsample(load(), caps[backbone], seed=0)
             try:

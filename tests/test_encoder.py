@@ -348,6 +348,42 @@ def test_heads_changed_in_place_no_longer_match_their_certificate(clf, bbc, test
     clf.predict(bbc[1].texts[:2], certificate=cert)
 
 
+def test_predict_keeps_nothing_stale_between_calls(clf, bbc, test_trace):
+    # predict keeps a certificate's rule and its head function from one call to the next (a lone
+    # row each time, as a server calls it): edits to the certificate or the heads must be seen.
+    cert = clf.calibrate(test_trace, "max_prob", epsilon=0.15, delta=0.2)
+    early = np.flatnonzero(cert.make_rule().halts(test_trace) < clf.n_layers - 1)
+    text = [bbc[1].texts[early[0]]]  # a row that stops early, so the edits below change something
+    first = clf.predict(text, certificate=cert)
+    assert first.exit_layer[0] < clf.n_layers
+    lam = cert.lam
+    try:
+        cert.lam = 1.5  # no probability reaches it: the full model
+        assert clf.predict(text, certificate=cert).exit_layer[0] == clf.n_layers
+        cert.lam, cert.certified = lam, False  # nothing certified: the full model
+        assert clf.predict(text, certificate=cert).exit_layer[0] == clf.n_layers
+    finally:
+        cert.lam, cert.certified = lam, True
+    assert np.array_equal(clf.predict(text, certificate=cert).probs, first.probs)
+    rule = cert.make_rule()
+    bias = clf.heads.heads[int(first.exit_layer[0]) - 1].net.bias
+    saved = bias.detach().clone()
+    try:
+        with torch.no_grad():
+            bias.add_(torch.linspace(0.0, 4.0, len(bias)))
+        with pytest.raises(sw.StopwiseError, match="heads"):
+            clf.predict(text, certificate=cert)
+        edited = clf.predict(text, rule=rule)
+        recorded = clf.record(text, progress=False)
+        k = int(edited.exit_layer[0]) - 1
+        np.testing.assert_allclose(edited.probs[0], recorded.probs[0, k], atol=1e-6)
+        assert np.abs(edited.probs - first.probs).max() > 0.01
+    finally:
+        with torch.no_grad():
+            bias.copy_(saved)
+    assert np.array_equal(clf.predict(text, certificate=cert).probs, first.probs)
+
+
 def test_save_and_load_round_trip(clf, bbc, tmp_path, test_trace):
     clf.certificate = sw.calibrate(test_trace, sw.MaxProb(), epsilon=0.15, delta=0.2)
     out = clf.save_pretrained(tmp_path / "heads")

@@ -8,6 +8,7 @@ rows that stop leave the batch, so later layers run on fewer rows.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import time
@@ -129,6 +130,10 @@ class EarlyExitClassifier:
         self.certificate: Certificate | None = None
         self.training_info: dict[str, Any] = {}
         self._heads_id: tuple[tuple[int, ...], str] | None = None
+        # The last predict call's certificate rule and head function, with what they were made
+        # from (see _stopper_rule and _head_fn).
+        self._cert_rule: tuple[Certificate, tuple[Any, ...], ExitHeads, tuple[int, ...], Rule] | None = None
+        self._head: tuple[ExitHeads, tuple[int, ...], Callable[[int, BatchState], torch.Tensor]] | None = None
         self._unpadded_weights: dict[tuple[Any, ...], torch.Tensor] = {}
         self.base_id = f"{self.backbone.model_type}-{self.n_layers}x{self.hidden_size}-{_fingerprint_model(model)}"
         self._layer_params = sum(p.numel() for p in self.backbone.layers[0].parameters())
@@ -374,8 +379,18 @@ class EarlyExitClassifier:
         if certificate is not None:
             if rule is not None:
                 raise StopwiseError("Pass either 'rule' or 'certificate' to predict, not both.")
+            # Checked and turned into a rule once while neither the certificate's fields nor the
+            # heads change: after a call's layers have filled the caches, rebuilding the rule from
+            # its config cost more than the two exit heads of a row that exits at MiniLM's second layer.
+            snap = _snapshot(certificate)
+            kept = self._cert_rule
+            if (kept is not None and kept[0] is certificate and kept[2] is self.heads and kept[3] == heads_key
+                    and kept[1] == snap):
+                return kept[4]
             self._check_certificate(certificate, self._heads_digest(heads_key))
-            return certificate.make_rule()
+            made = certificate.make_rule()
+            self._cert_rule = (certificate, copy.deepcopy(snap), self.heads, heads_key, made)
+            return made
         if rule is None:
             return None
         if isinstance(rule, str):
@@ -413,21 +428,17 @@ class EarlyExitClassifier:
         enc = self.tokenize(texts)
         n, c = len(enc), len(self.class_names)
         out = (np.empty(n, dtype=np.int64), np.empty((n, c), dtype=np.float64), np.empty(n, dtype=np.int64))
-        from tqdm.auto import tqdm
-
         head = self._head_fn(heads_key)
         t0 = time.perf_counter()
-        batches = list(self._batches(enc, batch_size, sort))
-        per_group = in_flight // batch_size
-        # No bar object at all unless asked for: even a disabled one costs a head's worth at batch 1.
-        bar = tqdm(total=n, desc="predict") if progress else None
-        for g in range(0, len(batches), per_group):
-            group = batches[g : g + per_group]
-            self._predict_group(group, stop_rule, head, out, batch_size, trace_calls)
-            if bar is not None:
-                bar.update(sum(len(rows) for rows, *_ in group))
-        if bar is not None:
-            bar.close()
+        if n == 1 and not progress:
+            # One request per call, as a server sees them: one batch of one row, nothing to sort,
+            # group or show. At batch 1 every call predict makes before the first layer runs on
+            # cold caches; this path makes as few as it can.
+            ids = enc.ids[0]
+            one = (_ROW0, torch.tensor([ids], dtype=torch.long), torch.ones((1, len(ids)), dtype=torch.long), True)
+            self._predict_group([one], stop_rule, head, out, batch_size, trace_calls)
+        else:
+            self._predict_batches(enc, stop_rule, head, out, batch_size, in_flight, sort, progress, trace_calls)
         seconds = time.perf_counter() - t0
         preds, probs, exit_layer = out
         per_row = (exit_layer.astype(np.float64) if cost == "layers"
@@ -435,10 +446,33 @@ class EarlyExitClassifier:
         return Prediction(predictions=preds, probs=probs, exit_layer=exit_layer, cost=per_row,
                           class_names=self.class_names, seconds=seconds)
 
+    def _predict_batches(self, enc: Encoded, rule: Rule | None, head: Callable[[int, BatchState], torch.Tensor],
+                         out: tuple[np.ndarray, np.ndarray, np.ndarray], batch_size: int, in_flight: int, sort: bool,
+                         progress: bool, calls: list[int] | None) -> None:
+        batches = list(self._batches(enc, batch_size, sort))
+        per_group = in_flight // batch_size
+        # No bar object at all unless asked for: even a disabled one costs a head's worth at batch 1.
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(enc), desc="predict")
+        for g in range(0, len(batches), per_group):
+            group = batches[g : g + per_group]
+            self._predict_group(group, rule, head, out, batch_size, calls)
+            if bar is not None:
+                bar.update(sum(len(rows) for rows, *_ in group))
+        if bar is not None:
+            bar.close()
+
     def _head_fn(self, heads_key: tuple[int, ...]) -> Callable[[int, BatchState], torch.Tensor]:
         """Probabilities of head k on the batch (the head's dtype), for one predict call. Linear
         heads multiply by their folded weights directly (the same tensors and op as
-        :meth:`ExitHeads.logits`, so online and recorded probabilities agree bit for bit)."""
+        :meth:`ExitHeads.logits`, so online and recorded probabilities agree bit for bit). The
+        function is kept while the head tensors are unchanged."""
+        kept = self._head
+        if kept is not None and kept[0] is self.heads and kept[1] == heads_key:
+            return kept[2]
         folded = self.heads.folded(heads_key)
         dtype = self.heads.dtype
 
@@ -450,6 +484,7 @@ class EarlyExitClassifier:
                 logits = F.linear(pooled if pooled.dtype == dtype else pooled.to(dtype), *folded[k])
             return F.softmax(logits, dim=-1)
 
+        self._head = (self.heads, heads_key, head)
         return head
 
     def _predict_group(self, group: list[tuple[np.ndarray, torch.Tensor, torch.Tensor, bool]], rule: Rule | None,
@@ -601,6 +636,17 @@ class EarlyExitClassifier:
         rule_obj = make_rule(rule) if isinstance(rule, str) else rule
         self.certificate = calibrate(trace, rule_obj, **kwargs)
         return self.certificate
+
+
+#: The rows of a lone row's batch (read only).
+_ROW0 = np.zeros(1, dtype=np.int64)
+_ROW0.flags.writeable = False
+
+
+def _snapshot(certificate: Certificate) -> tuple[Any, ...]:
+    """What a certificate's rule and its check against a model are made from."""
+    return (certificate.certified, certificate.lam, certificate.n_stages, certificate.rule, certificate.thresholds,
+            certificate.source.get("base_model"), certificate.source.get("heads"))
 
 
 def _numpy(probs: torch.Tensor) -> np.ndarray:
