@@ -254,26 +254,44 @@ def test_online_decisions_equal_offline_halts(clf, bbc, test_trace, rule_name):
     assert 1 < pred.exit_layer.mean() < clf.n_layers or rule_name == "patience"
 
 
-def test_a_lone_row_under_max_prob_is_decided_without_a_stopper_and_alike(clf, bbc, test_trace, monkeypatch):
-    rule = sw.make_rule("max_prob")
-    lam = rule.lam_from_threshold(_lam_between_values(rule.z(test_trace)[:, :3]))
-    halts = rule.halts(test_trace, lam)
+@pytest.mark.parametrize("rule_name", ["max_prob", "entropy", "margin"])
+def test_a_lone_row_is_decided_without_a_stopper_and_alike(clf, bbc, test_trace, monkeypatch, rule_name):
+    rule = sw.make_rule(rule_name)
     texts = bbc[1].texts
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        # Four one-row batches in flight: the general path, through a Stopper.
+        # Four one-row batches in flight: the general path, through a Stopper, at batch 1 (the
+        # same floats as a lone row). λ then moves to the least confident statistic among the
+        # rows that exited at the first layer, so that row stops there on a tie.
+        lam0 = rule.lam_from_threshold(_lam_between_values(rule.z(test_trace)[:, :3]))
+        first = clf.predict(texts, rule=rule.with_lam(lam0), batch_size=1)
+        tie = rule.stage_statistic(first.probs[first.exit_layer == 1])
+        lam = float(tie[np.argmin(rule.direction * tie)])
         general = clf.predict(texts, rule=rule.with_lam(lam), batch_size=1)
         monkeypatch.setattr(sw.rules.base.Stopper, "step", lambda *a, **k: pytest.fail("a lone row used the Stopper"))
         calls: list[int] = []
         alone = [clf.predict([t], rule=rule.with_lam(lam), batch_size=1, trace_calls=calls) for t in texts]
     exit_layer = np.array([p.exit_layer[0] for p in alone])
-    assert np.array_equal(exit_layer - 1, halts) and np.array_equal(exit_layer, general.exit_layer)
+    assert np.array_equal(exit_layer, general.exit_layer)
     assert np.array_equal(np.concatenate([p.probs for p in alone]), general.probs)  # bit for bit
     assert np.array_equal(np.concatenate([p.predictions for p in alone]), general.predictions)
     assert calls == [1] * int(exit_layer.sum())  # layers stop where the row exits
     assert 1 < exit_layer.mean() < clf.n_layers
-    assert sw.make_rule("entropy").with_lam(0.1).top_prob_threshold() is None
-    assert sw.MaxProb(lam=0.8).top_prob_threshold() == 0.8
+    assert (rule.stage_statistic(general.probs) == lam).any()  # a tie that fired
+
+
+def test_a_lone_row_under_a_rule_with_state_uses_the_stopper(clf, bbc, monkeypatch):
+    texts = bbc[1].texts[:6]
+    rule = sw.make_rule("patience").with_lam(1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        general = clf.predict(texts, rule=rule, batch_size=1)
+        steps: list[int] = []
+        real = sw.rules.base.Stopper.step
+        monkeypatch.setattr(sw.rules.base.Stopper, "step", lambda self, *a, **k: steps.append(1) or real(self, *a, **k))
+        alone = [clf.predict([t], rule=rule, batch_size=1) for t in texts]
+    assert np.array_equal(np.array([p.exit_layer[0] for p in alone]), general.exit_layer)
+    assert len(steps) == int(general.exit_layer.sum())
 
 
 def test_record_trace_contents(clf, bbc, test_trace):

@@ -73,6 +73,50 @@ def test_online_and_offline_decide_alike(trace: Trace, q: float) -> None:
 
 
 @settings(max_examples=40, deadline=None)
+@given(trace=traces(), q=st.floats(0.0, 1.0))
+def test_stage_statistic_decides_like_the_stopper(trace: Trace, q: float) -> None:
+    # Adapters decide a lone row on stage_statistic instead of a Stopper: the same floats, stage
+    # by stage, at a λ on an observed value (ties).
+    memoryless = [r for r in all_rules() if r.stage_statistic(trace.probs[:, 0]) is not None]
+    assert {type(r).__name__ for r in memoryless} == {"MaxProb", "Margin", "Entropy"}
+    for rule in all_rules():
+        z = rule.z(trace)
+        finite = z[np.isfinite(z)]
+        lam = rule.lam_from_threshold(float(np.quantile(finite, q)) if finite.size else 0.0) if rule.free else None
+        if rule not in memoryless:
+            continue
+        t = rule.threshold(lam)
+        halts = np.empty(trace.n, dtype=np.int64)
+        for i in range(trace.n):
+            for k in range(trace.lengths[i]):
+                s = rule.stage_statistic(trace.probs[i : i + 1, k])
+                if k == trace.lengths[i] - 1 or rule.direction * s[0] >= t:
+                    halts[i] = k
+                    break
+        np.testing.assert_array_equal(halts, online_halts(trace, rule, lam), err_msg=repr(rule))
+
+
+def test_a_subclass_that_rewrites_update_loses_the_shortcuts() -> None:
+    class Shifted(sw.MaxProb):
+        def update(self, state, batch):  # type: ignore[no-untyped-def]
+            state, s = super().update(state, batch)
+            return state, s - 0.5
+
+    p = np.array([[0.7, 0.3]])
+    assert sw.MaxProb(lam=0.8).top_prob_threshold() == 0.8
+    np.testing.assert_array_equal(sw.MaxProb().stage_statistic(p), [0.7])
+    # Its update still works through super(), but the shortcuts would describe MaxProb's statistic.
+    assert Shifted(lam=0.1).top_prob_threshold() is None and Shifted().stage_statistic(p) is None
+    _, s = Shifted().update(None, StageBatch(index=0, predictions=np.array([0]), probs=p))
+    np.testing.assert_allclose(s, [0.2])
+
+    class Renamed(sw.Entropy):  # no new update: the shortcuts still hold
+        pass
+
+    assert Renamed().stage_statistic(p) is not None
+
+
+@settings(max_examples=40, deadline=None)
 @given(trace=traces())
 def test_halts_move_later_as_lambda_gets_more_conservative(trace: Trace) -> None:
     for rule in all_rules():

@@ -234,10 +234,9 @@ class EarlyExitClassifier:
             seqs = [enc.ids[i] for i in rows]
             lens = [len(s) for s in seqs]
             width = max(lens)
-            # One tensor call each: per-row tensor writes cost more than a head at batch 1, and
-            # an unpadded batch (every batch of one row) skips the padding and the mask's values.
+            # An unpadded batch (every batch of one row) skips the padding and the mask's values.
             if min(lens) == width:
-                yield rows, torch.from_numpy(np.array(seqs, dtype=np.int64)), torch.ones((len(seqs), width), dtype=torch.long), True
+                yield _unpadded_batch(rows, seqs)
                 continue
             pad = 0 if self.tokenizer.pad_token_id is None else int(self.tokenizer.pad_token_id)
             ids = torch.tensor([list(s) + [pad] * (width - len(s)) for s in seqs], dtype=torch.long)
@@ -434,9 +433,7 @@ class EarlyExitClassifier:
             # One request per call, as a server sees them: one batch of one row, nothing to sort,
             # group or show. At batch 1 every call predict makes before the first layer runs on
             # cold caches; this path makes as few as it can.
-            ids = enc.ids[0]
-            one = (_ROW0, torch.tensor([ids], dtype=torch.long), torch.ones((1, len(ids)), dtype=torch.long), True)
-            self._predict_group([one], stop_rule, head, out, batch_size, trace_calls)
+            self._predict_group([_unpadded_batch(_ROW0, enc.ids)], stop_rule, head, out, batch_size, trace_calls)
         else:
             self._predict_batches(enc, stop_rule, head, out, batch_size, in_flight, sort, progress, trace_calls)
         seconds = time.perf_counter() - t0
@@ -493,9 +490,9 @@ class EarlyExitClassifier:
         """Batches advancing layer by layer together; one stopper over all their rows, which sees
         them in the order of ``lives`` concatenated (kept through every select and re-pack)."""
         if rule is not None and len(group) == 1 and len(group[0][0]) == 1:
-            t = rule.top_prob_threshold()
-            if t is not None:
-                self._predict_row(group[0], t, head, out, calls)
+            decide = _lone_row_decider(rule)
+            if decide is not None:
+                self._predict_row(group[0], decide, head, out, calls)
                 return
         preds, probs, exit_layer = out
         states = [self.backbone.start(ids, mask, unpadded=unpadded) for _, ids, mask, unpadded in group]
@@ -522,14 +519,14 @@ class EarlyExitClassifier:
                 preds[gone], probs[gone], exit_layer[gone] = p[stop].argmax(axis=1), p[stop], k + 1
                 states, lives = self._shrink(states, lives, ~stop, batch_size)
 
-    def _predict_row(self, batch: tuple[np.ndarray, torch.Tensor, torch.Tensor, bool], t: float,
+    def _predict_row(self, batch: tuple[np.ndarray, torch.Tensor, torch.Tensor, bool],
+                     decide: Callable[[torch.Tensor], np.ndarray | None],
                      head: Callable[[int, BatchState], torch.Tensor], out: tuple[np.ndarray, np.ndarray, np.ndarray],
                      calls: list[int] | None) -> None:
-        """One row alone under a rule that stops on the top probability only (max_prob, at
-        threshold ``t``). At batch 1 a StageBatch and a Stopper step after every layer cost more
-        than the head: the row is decided on the head's own tensor, whose largest value, converted
-        to float64, is exactly what the Stopper compares, so it stops at the same layer. Only the
-        answering head's probabilities are converted to numpy."""
+        """One row alone under a rule that decides on each stage's probabilities alone. At batch
+        1 a StageBatch and a Stopper step after every layer cost more than the head, so
+        ``decide`` (see :func:`_lone_row_decider`) takes the head's tensor and returns the
+        float64 probabilities when the row stops there, None when it runs on."""
         preds, probs, exit_layer = out
         rows, ids, mask, unpadded = batch
         state = self.backbone.start(ids, mask, unpadded=unpadded)
@@ -539,9 +536,8 @@ class EarlyExitClassifier:
             if calls is not None:
                 calls.append(1)
             p = head(k, state)
-            # NaN never fires (the comparison is False), as in the Stopper.
-            if k == last or float(p.max()) >= t:
-                p64 = _numpy(p)
+            p64 = _numpy(p) if k == last else decide(p)
+            if p64 is not None:
                 preds[rows], probs[rows], exit_layer[rows] = p64.argmax(axis=1), p64, k + 1
                 return
 
@@ -643,10 +639,49 @@ _ROW0 = np.zeros(1, dtype=np.int64)
 _ROW0.flags.writeable = False
 
 
+#: Two-class probabilities that ask a rule whether it has a stage statistic.
+_PROBE = np.full((1, 2), 0.5)
+_PROBE.flags.writeable = False
+
+
 def _snapshot(certificate: Certificate) -> tuple[Any, ...]:
     """What a certificate's rule and its check against a model are made from."""
     return (certificate.certified, certificate.lam, certificate.n_stages, certificate.rule, certificate.thresholds,
             certificate.source.get("base_model"), certificate.source.get("heads"))
+
+
+def _lone_row_decider(rule: Rule) -> Callable[[torch.Tensor], np.ndarray | None] | None:
+    """How a lone row decides without a Stopper, or None when the rule needs one (it keeps state
+    or reads signals). Each decides on exactly the floats the Stopper compares, so the row stops
+    at the same layer; NaN never fires (the comparison is False), as in the Stopper."""
+    top = rule.top_prob_threshold()
+    if top is not None:
+        # The head's largest value, converted to float64, is the Stopper's statistic: only the
+        # answering head's probabilities are converted to numpy.
+        def on_top(p: torch.Tensor) -> np.ndarray | None:
+            return _numpy(p) if float(p.max()) >= top else None
+
+        return on_top
+    # A user's rule may override stage_statistic and still answer None ("any other rule").
+    if type(rule).stage_statistic is Rule.stage_statistic or rule.stage_statistic(_PROBE) is None:
+        return None
+    t, stat, neg = rule.threshold(), rule.stage_statistic, rule.direction < 0
+    if t == np.inf:
+        return lambda p: None  # +inf never fires, even on a statistic of +inf (as in the Stopper)
+
+    def on_statistic(p: torch.Tensor) -> np.ndarray | None:
+        p64 = _numpy(p)
+        s = stat(p64)[0]  # type: ignore[index]
+        return p64 if (s <= -t if neg else s >= t) else None
+
+    return on_statistic
+
+
+def _unpadded_batch(rows: np.ndarray, seqs: Sequence[Sequence[int]]) -> tuple[np.ndarray, torch.Tensor, torch.Tensor, bool]:
+    """A batch of equally long rows: no padding, and a mask of ones (one tensor call each: per-row
+    tensor writes cost more than a head at batch 1)."""
+    ids = torch.from_numpy(np.array(seqs, dtype=np.int64))
+    return rows, ids, torch.ones(ids.shape, dtype=torch.long), True
 
 
 def _numpy(probs: torch.Tensor) -> np.ndarray:

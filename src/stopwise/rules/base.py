@@ -28,6 +28,8 @@ from stopwise.trace import BoolArray, FloatArray, IntArray, StageBatch, Trace
 State = Any
 #: Rows per block in offline halting.
 HALT_BLOCK = 1 << 14
+#: Methods that describe :meth:`Rule.update`'s statistic to adapters that skip the Stopper.
+_SHORTCUTS = ("stage_statistic", "top_prob_threshold")
 
 
 class Rule(ABC):
@@ -46,6 +48,15 @@ class Rule(ABC):
         if lam is not None and (not isinstance(lam, (int, float)) or isinstance(lam, bool) or np.isnan(lam)):
             raise StopwiseError(f"The 'lam' parameter of {type(self).__name__} must be a number or None. Got {lam!r} instead.")
         self.lam = None if lam is None else float(lam)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # The shortcuts state what update computes, so a subclass that rewrites update without
+        # them must not inherit them: it falls back to the Stopper, which calls its update.
+        if "update" in cls.__dict__:
+            for name in _SHORTCUTS:
+                if name not in cls.__dict__:
+                    setattr(cls, name, getattr(Rule, name))
 
     # -- what subclasses write --------------------------------------------------------------
     def init_state(self, n: int) -> State:
@@ -123,6 +134,13 @@ class Rule(ABC):
         (``inf``: never). 0 unless the rule knows better, which is always safe. An adapter skips
         the exit heads of a rule that cannot fire before the last stage: it is the full model."""
         return math.inf if self.threshold(lam) == math.inf else 0.0
+
+    def stage_statistic(self, probs: FloatArray) -> FloatArray | None:
+        """For a rule whose statistic at a stage is a function of that stage's class
+        probabilities alone (no state, no signals, nothing from earlier stages): the statistic of
+        each row of ``probs`` (n, C) float64, exactly as :meth:`update` computes it; None for any
+        other rule. An adapter may then decide a lone row on it without a :class:`Stopper`."""
+        return None
 
     def top_prob_threshold(self, lam: float | None = None) -> float | None:
         """The t such that this rule, at λ, stops a row at a stage exactly when that stage's top

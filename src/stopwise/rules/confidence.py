@@ -24,6 +24,24 @@ def _probs(batch: StageBatch, rule: Rule, signal: str) -> FloatArray | None:
     )
 
 
+# One function per statistic, shared by update and stage_statistic (the Stopper's path and the
+# lone-row path), so both decide on the same floats.
+def _top(p: FloatArray) -> FloatArray:
+    out: FloatArray = p.max(axis=1)
+    return out
+
+
+def _margin(p: FloatArray) -> FloatArray:
+    top2 = np.partition(p, p.shape[1] - 2, axis=1)[:, -2:]
+    return top2[:, 1] - top2[:, 0]
+
+
+def _entropy(p: FloatArray, normalized: bool) -> FloatArray:
+    # np.maximum, not np.clip: the same values at a third of the call cost, after every layer online.
+    h: FloatArray = -(p * np.log(np.maximum(p, 1e-300))).sum(axis=1)
+    return h / np.log(p.shape[1]) if normalized else h
+
+
 class MaxProb(Rule):
     """Stop when the top class probability is >= λ (the classic softmax-confidence exit)."""
 
@@ -38,7 +56,10 @@ class MaxProb(Rule):
 
     def update(self, state: State, batch: StageBatch) -> tuple[State, FloatArray]:
         p = _probs(batch, self, "max_prob")
-        return state, batch.signals["max_prob"] if p is None else p.max(axis=1)
+        return state, batch.signals["max_prob"] if p is None else _top(p)
+
+    def stage_statistic(self, probs: FloatArray) -> FloatArray:
+        return _top(probs)
 
     def earliest_stop(self, lam: float | None = None) -> float:
         return math.inf if self.threshold(lam) > 1.0 else 0.0  # no probability exceeds 1
@@ -55,10 +76,10 @@ class Margin(Rule):
 
     def update(self, state: State, batch: StageBatch) -> tuple[State, FloatArray]:
         p = _probs(batch, self, "margin")
-        if p is None:
-            return state, batch.signals["margin"]
-        top2 = np.partition(p, p.shape[1] - 2, axis=1)[:, -2:]
-        return state, top2[:, 1] - top2[:, 0]
+        return state, batch.signals["margin"] if p is None else _margin(p)
+
+    def stage_statistic(self, probs: FloatArray) -> FloatArray:
+        return _margin(probs)
 
 
 class Entropy(Rule):
@@ -80,11 +101,10 @@ class Entropy(Rule):
 
     def update(self, state: State, batch: StageBatch) -> tuple[State, FloatArray]:
         p = _probs(batch, self, "entropy")
-        if p is None:
-            return state, batch.signals["entropy"]
-        # np.maximum, not np.clip: the same values at a third of the call cost, after every layer online.
-        h = -(p * np.log(np.maximum(p, 1e-300))).sum(axis=1)
-        return state, h / np.log(p.shape[1]) if self.normalized else h
+        return state, batch.signals["entropy"] if p is None else _entropy(p, self.normalized)
+
+    def stage_statistic(self, probs: FloatArray) -> FloatArray:
+        return _entropy(probs, self.normalized)
 
     def earliest_stop(self, lam: float | None = None) -> float:
         return math.inf if -self.threshold(lam) < 0.0 else 0.0  # no entropy is negative
