@@ -12,6 +12,7 @@ with real early exit and measure the wall-clock speedup against the full model i
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -87,19 +88,25 @@ def full_demo(max_length: int, plot: Path | None, threads: int) -> int:
 
     enc = clf.tokenize(prep.texts("test"))  # tokenization is the same for both runs: not timed
     y = test.labels
-    t0 = time.perf_counter()
-    full = clf.predict(enc, rule=None, batch_size=32, progress=True)
-    t_full = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    early = clf.predict(enc, certificate=cert, batch_size=32, progress=True)
-    t_early = time.perf_counter() - t0
+    # One pass each read 1.39-1.76x for the same exits on a 2-vCPU VM: time each setting twice, in
+    # the order full, early, early, full, and keep each one's faster pass (the outputs are identical).
+    t_full = t_early = math.inf
+    for settings in (("full", "early"), ("early", "full")):
+        for setting in settings:
+            t0 = time.perf_counter()
+            if setting == "full":
+                full = clf.predict(enc, rule=None, batch_size=32, progress=True)
+                t_full = min(t_full, time.perf_counter() - t0)
+            else:
+                early = clf.predict(enc, certificate=cert, batch_size=32, progress=True)
+                t_early = min(t_early, time.perf_counter() - t0)
     ev = sw.evaluate(test, cert.make_rule(), risk="gap")
     _say(f"Test split ({len(y)} articles):")
     _say(f"  full model accuracy   {np.mean(full.predictions == y):.4f}")
     _say(f"  early exit accuracy   {np.mean(early.predictions == y):.4f}  "
          f"(disagrees with the full model on {np.mean(early.predictions != full.predictions):.4f}, ε = {EPSILON})")
     _say(f"  mean layers used      {early.exit_layer.mean():.2f} of {clf.n_layers}; oracle {ev['oracle_mean_stages']:.2f}")
-    _say(f"  wall clock            full {t_full:.2f} s, early exit {t_early:.2f} s: speedup {t_full / t_early:.2f}x "
+    _say(f"  wall clock (best of 2) full {t_full:.2f} s, early exit {t_early:.2f} s: speedup {t_full / t_early:.2f}x "
          f"(ideal {clf.n_layers / early.exit_layer.mean():.2f}x)")
     if plot is not None:
         rules = [sw.MaxProb(), sw.Entropy(), sw.Patience()]
