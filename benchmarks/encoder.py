@@ -20,8 +20,12 @@ the calibration split for two risks, and measured on the test split:
   runs of two calls, at batch 1) and each side's best kept (``timing_repeats`` calls per side at
   batch 32, twice that at batch 1, per row), so a hiccup or a drift of the machine hits neither
   side alone;
+  at batch 32 the rows are timed in slices of ``predict``'s in_flight (4 batches, the groups one
+  call over all rows runs, checked to run the same layer calls), best per slice, summed;
   wall_speedup_b*_interleaved keeps only the calls that follow a call with the other setting,
-  for comparison (cache effects); wall_over_ideal_halves_b* reads wall / ideal from each half of
+  for comparison (cache effects); wall_speedup_b*_paired is the median over adjacent full/early
+  pairs of calls of their ratio (range in *_paired_range), a second estimator that a slow drift
+  of the machine cannot bias, for comparison (min/median_wall_over_ideal_paired at the top); wall_over_ideal_halves_b* reads wall / ideal from each half of
   the timed calls alone, two measurements of one figure whose difference is the machine's timing
   noise (max_wall_over_ideal_half_difference at the top); tokenization timed separately;
   ideal_speedup = full layers / mean layers used on the timed rows (at batch 1 also weighted by
@@ -82,17 +86,33 @@ def _subsample(ts: Any, cap: int, seed: int) -> Any:
     return ts.take(rows)
 
 
+def _units(enc: Any, batch: int) -> list[Any]:
+    """What one timed call runs. At batch 1, each row alone, as a server sees requests. At batch
+    32, the rows sorted by length as ``predict`` sorts them, cut into slices of its default
+    ``in_flight`` (4 batches): a call over all rows runs these groups one after another with
+    nothing shared between them (survivors re-pack within a group), so calls over the slices run
+    the same layer calls on the same shapes (checked against the whole call in :func:`_time_chunks`),
+    in calls half or a quarter as long, hence twice or four times the chances to meet the machine
+    at its fastest (its speed drifts by 20% from one second to the next here)."""
+    from stopwise.encoder.model import Encoded
+
+    if batch == 1:
+        return [Encoded([ids]) for ids in enc.ids]
+    order = np.argsort([-len(x) for x in enc.ids], kind="stable")
+    step = 4 * batch
+    return [Encoded([enc.ids[i] for i in order[s : s + step]]) for s in range(0, len(order), step)]
+
+
 def _time_chunks(clf: Any, enc: Any, batch: int, calls: int, run: int, **kw: Any) -> dict[str, Any]:
-    """Seconds of the full model and of early exit (``kw``) on ``enc`` at ``batch``. At batch 32 one
-    call runs every row, as ``predict`` does (it re-packs survivors across batches, which calls of
-    one batch each would forbid: SmolLM2 read 0.87 of ideal that way, 0.92+ as one call); at batch
-    1 each row is one call, as a server sees requests, so a hiccup in one row costs nothing else.
-    Each call target gets ``calls`` calls, half per side, and each side's best is kept. The sides
+    """Seconds of the full model and of early exit (``kw``) on ``enc`` at ``batch``, summed over
+    the call units of :func:`_units` (SmolLM2 read 0.87 of ideal with calls of one batch each,
+    which forbid re-packing survivors, 0.92+ with calls of whole groups).
+    Each unit gets ``calls`` calls, half per side, and each side's best is kept. The sides
     alternate in runs of ``run`` calls, A B B A A B ... (run 1) or A A B B B B A A ... (run 2): both
     are timed within a few calls of each other, so a drift of the machine hits neither side alone
     (passes over all rows with one setting read single 30-layer rows up to 20% apart), and half or
     more of the calls follow one with the same setting, as on a server that runs one setting. Sums
-    over call targets of two bests:
+    over units of two bests:
 
     - "full"/"early" (the reported figure): best of all calls.
     - "*_interleaved" (for comparison): best of the calls that follow a call with the other
@@ -102,19 +122,26 @@ def _time_chunks(clf: Any, enc: Any, batch: int, calls: int, run: int, **kw: Any
       exiting after 1.7 layers at batch 1. One call does not undo it at batch 1: in runs of 1,
       MiniLM rows exiting after 1.5 layers read 0.87 of ideal where runs of 2 read >= 0.91, and
       whole passes with one setting 0.96.
+    - "paired" (for comparison, a ratio, not seconds): the last call of each run is paired with
+      the call ``run`` calls later, the other side (in runs of 2 the second call of the next run,
+      which like its partner follows a call with its own setting); each pair's full / early,
+      summed over units, is one speedup, and the median of those is reported with their range:
+      a drift slower than a pair cancels in each ratio.
     """
-    from stopwise.encoder.model import Encoded
-
-    chunks = [enc] if batch > 1 else [Encoded([ids]) for ids in enc.ids]
+    units = _units(enc, batch)
     keys = ("full", "early", "full_interleaved", "early_interleaved", "full_half0", "early_half0", "full_half1", "early_half1")
-    best = {k: np.full(len(chunks), np.inf) for k in keys}
+    best = {k: np.full(len(units), np.inf) for k in keys}
+    seconds = np.zeros((len(units), calls))
+    work: list[int] = []  # the layer calls' row counts over the units, to check against one call over all rows
     prev = None
-    for i, chunk in enumerate(chunks):
+    for i, unit in enumerate(units):
         for c in range(calls):
             side = ("full", "early")[(c // run + 1) // 2 % 2]
+            probe = work if side == "early" and c == run else None  # the first early call of the unit
             t0 = time.perf_counter()
-            clf.predict(chunk, batch_size=batch, **(kw if side == "early" else {}))
+            clf.predict(unit, batch_size=batch, trace_calls=probe, **(kw if side == "early" else {}))
             dt = time.perf_counter() - t0
+            seconds[i, c] = dt
             best[side][i] = min(best[side][i], dt)
             # Each half of the calls holds both sides: two independent measurements of the same
             # speedup, whose difference shows how far the machine's noise moves one.
@@ -123,7 +150,18 @@ def _time_chunks(clf: Any, enc: Any, batch: int, calls: int, run: int, **kw: Any
             if prev is not None and prev != side:
                 best[side + "_interleaved"][i] = min(best[side + "_interleaved"][i], dt)
             prev = side
-    return {**{k: float(v.sum()) for k, v in best.items()}, "prediction": clf.predict(enc, batch_size=batch, **kw)}
+    whole: list[int] = []
+    prediction = clf.predict(enc, batch_size=batch, trace_calls=whole, **kw)
+    if batch > 1 and sorted(work) != sorted(whole):
+        raise AssertionError("timing over slices ran other layer calls than one call over all rows")
+    ends = np.arange(run - 1, calls, 2 * run)  # the last call of each run
+    ends = ends[ends + run < calls]  # a run whose partner would fall past the last call
+    totals = seconds.sum(axis=0)
+    ratios = totals[ends] / totals[ends + run]
+    sides = [("full", "early")[(c // run + 1) // 2 % 2] for c in ends]
+    ratios = np.where(np.array(sides) == "full", ratios, 1.0 / ratios)
+    return {**{k: float(v.sum()) for k, v in best.items()}, "prediction": prediction,
+            "paired": float(np.median(ratios)), "paired_range": [float(ratios.min()), float(ratios.max())]}
 
 
 def run_one(backbone: str, task: str, ts: Any, *, max_length: int, n_time32: int, n_time1: int, repeats: int,
@@ -206,8 +244,10 @@ def _row(clf: Any, cal: Any, test: Any, both: Any, *, risk: str, rule_name: str,
         "ideal_speedup": L / mean_layers,
         "wall_speedup_b32": f32 / w32, "ideal_speedup_b32": L / float(p32.exit_layer.mean()),
         "wall_speedup_b32_interleaved": b32["full_interleaved"] / b32["early_interleaved"],
+        "wall_speedup_b32_paired": b32["paired"], "wall_speedup_b32_paired_range": b32["paired_range"],
         "wall_speedup_b1": f1 / w1, "ideal_speedup_b1": L / float(p1.exit_layer.mean()),
         "wall_speedup_b1_interleaved": b1["full_interleaved"] / b1["early_interleaved"],
+        "wall_speedup_b1_paired": b1["paired"], "wall_speedup_b1_paired_range": b1["paired_range"],
         # wall / ideal from each half of the timed calls alone (see _time_chunks): the noise of the figure.
         "wall_over_ideal_halves_b32": [b32[f"full_half{h}"] / b32[f"early_half{h}"] / (L / float(p32.exit_layer.mean()))
                                        for h in (0, 1)],
@@ -253,8 +293,9 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
     rows = [r for res in results for r in res["rows"] if r.get("certified")]
     gap_rows = [r for r in rows if r["risk"] == "gap"]
 
-    def wall_over_ideal(r: dict[str, Any]) -> float:
-        return float(min(r["wall_speedup_b32"] / r["ideal_speedup_b32"], r["wall_speedup_b1"] / r["ideal_speedup_b1"]))
+    def wall_over_ideal(r: dict[str, Any], estimator: str = "") -> float:
+        return float(min(r[f"wall_speedup_b32{estimator}"] / r["ideal_speedup_b32"],
+                         r[f"wall_speedup_b1{estimator}"] / r["ideal_speedup_b1"]))
 
     return {
         "best_savings_vs_oracle": max((r["savings_vs_oracle"] for r in rows), default=None),
@@ -262,6 +303,9 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
             risk: max((r["savings_vs_oracle"] for r in rows if r["risk"] == risk), default=None) for risk in RISKS},
         "min_wall_over_ideal": min((wall_over_ideal(r) for r in rows), default=None),
         "median_wall_over_ideal": float(np.median([wall_over_ideal(r) for r in rows])) if rows else None,
+        # The same figures from the paired estimator (see _time_chunks), for comparison.
+        "min_wall_over_ideal_paired": min((wall_over_ideal(r, "_paired") for r in rows), default=None),
+        "median_wall_over_ideal_paired": float(np.median([wall_over_ideal(r, "_paired") for r in rows])) if rows else None,
         "min_wall_over_ideal_b1_interleaved": min(
             (r["wall_speedup_b1_interleaved"] / r["ideal_speedup_b1"] for r in rows), default=None),
         "min_share_splits_accuracy_gap_within_epsilon": min(
