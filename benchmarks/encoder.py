@@ -86,6 +86,19 @@ def _subsample(ts: Any, cap: int, seed: int) -> Any:
     return ts.take(rows)
 
 
+def prepare_minilm(task: str, *, threads: int) -> Any:
+    """The full run's MiniLM setting for one task (2,400-row cap, 48 tokens, mean pooling), for
+    the side benchmarks that take one of its rows apart."""
+    import torch
+
+    from stopwise.encoder import recipes
+
+    torch.set_num_threads(threads)
+    warnings.filterwarnings("ignore")
+    ts = _subsample(_tasks(False)[task](), 2400, seed=0)
+    return recipes.prepare(ts, base="minilm", max_length=48, progress=False, pooling="mean")
+
+
 def _units(enc: Any, batch: int) -> list[Any]:
     """What one timed call runs. At batch 1, each row alone, as a server sees requests. At batch
     32, the rows sorted by length as ``predict`` sorts them, cut into slices of its default

@@ -26,7 +26,6 @@ import json
 import os
 import sys
 import time
-import warnings
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
@@ -76,16 +75,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     import encoder as bench
-    import torch
 
     import stopwise as sw
-    from stopwise.encoder import recipes
     from stopwise.encoder.model import Encoded
 
-    torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore")
-    ts = bench._subsample(bench._tasks(False)[args.task](), 2400, seed=0)
-    prep = recipes.prepare(ts, base="minilm", max_length=48, progress=False, pooling="mean")
+    prep = bench.prepare_minilm(args.task, threads=args.threads)
     clf = prep.clf
     cert = sw.calibrate(prep.trace("cal"), sw.make_rule(args.rule), epsilon=args.epsilon, delta=0.1, risk=args.risk)
     if not cert.certified:

@@ -31,7 +31,6 @@ import os
 import sys
 import time
 import timeit
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -125,17 +124,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     import encoder as bench
-    import torch
 
     import stopwise as sw
-    from stopwise.encoder import recipes
     from stopwise.encoder.model import Encoded
 
-    torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore")
     t0 = time.perf_counter()
-    data = bench._subsample(bench._tasks(False)["bbc_articles"](), 2400, seed=0)
-    prep = recipes.prepare(data, base="minilm", max_length=48, progress=False, pooling="mean")
+    prep = bench.prepare_minilm("bbc_articles", threads=args.threads)
     clf, cal = prep.clf, prep.trace("cal")
     enc = clf.tokenize(prep.texts("test"))
     rows = [Encoded([ids]) for ids in enc.ids[: args.rows]]
