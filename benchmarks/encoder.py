@@ -116,6 +116,12 @@ def _units(enc: Any, batch: int) -> list[Any]:
     return [Encoded([enc.ids[i] for i in order[s : s + step]]) for s in range(0, len(order), step)]
 
 
+def _side(call: int, run: int) -> str:
+    """The setting of timed call ``call`` when the sides alternate in runs of ``run`` calls:
+    A B B A A B ... (run 1), A A B B B B A A ... (run 2)."""
+    return ("full", "early")[(call // run + 1) // 2 % 2]
+
+
 def _time_chunks(clf: Any, enc: Any, batch: int, calls: int, run: int, **kw: Any) -> dict[str, Any]:
     """Seconds of the full model and of early exit (``kw``) on ``enc`` at ``batch``, summed over
     the call units of :func:`_units` (SmolLM2 read 0.87 of ideal with calls of one batch each,
@@ -149,7 +155,7 @@ def _time_chunks(clf: Any, enc: Any, batch: int, calls: int, run: int, **kw: Any
     prev = None
     for i, unit in enumerate(units):
         for c in range(calls):
-            side = ("full", "early")[(c // run + 1) // 2 % 2]
+            side = _side(c, run)
             probe = work if side == "early" and c == run else None  # the first early call of the unit
             t0 = time.perf_counter()
             clf.predict(unit, batch_size=batch, trace_calls=probe, **(kw if side == "early" else {}))
@@ -171,7 +177,7 @@ def _time_chunks(clf: Any, enc: Any, batch: int, calls: int, run: int, **kw: Any
     ends = ends[ends + run < calls]  # a run whose partner would fall past the last call
     totals = seconds.sum(axis=0)
     ratios = totals[ends] / totals[ends + run]
-    sides = [("full", "early")[(c // run + 1) // 2 % 2] for c in ends]
+    sides = [_side(c, run) for c in ends]
     ratios = np.where(np.array(sides) == "full", ratios, 1.0 / ratios)
     return {**{k: float(v.sum()) for k, v in best.items()}, "prediction": prediction,
             "paired": float(np.median(ratios)), "paired_range": [float(ratios.min()), float(ratios.max())]}

@@ -92,7 +92,7 @@ def main() -> None:
     _instrument(clf, clock, rows)
     best: dict[str, dict[str, Any]] = {}
     for c in range(2 * args.passes):
-        side = ("full", "early")[(c + 1) // 2 % 2]
+        side = bench._side(c, 1)
         clock.clear()
         rows.clear()
         t0 = time.perf_counter()
