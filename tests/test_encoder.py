@@ -207,9 +207,18 @@ def test_exited_rows_leave_the_batch(clf, bbc, test_trace):
     assert np.array_equal(pred.cost, pred.exit_layer.astype(float))
 
 
-def test_survivors_of_several_batches_are_repacked_into_full_ones(clf, bbc, test_trace):
-    lam = _lam_between_values(sw.MaxProb().z(test_trace)[:, 0])
-    texts, rule = bbc[1].texts, sw.MaxProb(lam=lam)
+@pytest.mark.parametrize("lengths", ["equal", "mixed"])
+def test_survivors_of_several_batches_are_repacked_into_full_ones(clf, bbc, test_trace, lengths):
+    texts, trace = bbc[1].texts, test_trace
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if lengths == "mixed":
+            # Articles cut to 2-40 words: batches of different widths, with padding, whose
+            # survivors re-pack into batches that draw on several and are trimmed to their widest row.
+            texts = [" ".join(t.split()[: 2 + i % 39]) for i, t in enumerate(texts)]
+            trace = clf.record(texts, progress=False)
+    lam = _lam_between_values(sw.MaxProb().z(trace)[:, 0])
+    rule = sw.MaxProb(lam=lam)
     runs = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -219,6 +228,10 @@ def test_survivors_of_several_batches_are_repacked_into_full_ones(clf, bbc, test
     (alone, calls_alone), (packed, calls_packed) = runs[8], runs[64]
     assert np.array_equal(alone.exit_layer, packed.exit_layer) and np.array_equal(alone.predictions, packed.predictions)
     np.testing.assert_allclose(alone.probs, packed.probs, atol=2e-5)
+    # Both stop where the recorded trace (one forward pass, nothing removed) halts, with its probabilities.
+    halts = rule.halts(trace)
+    assert np.array_equal(packed.exit_layer - 1, halts) and 1 < packed.exit_layer.mean() < clf.n_layers
+    np.testing.assert_allclose(packed.probs, trace.probs[np.arange(trace.n), halts], atol=2e-5)
     assert sum(calls_alone) == sum(calls_packed) == int(packed.exit_layer.sum())
     # Same rows through the layers, in fewer calls: the 60 texts form one group, and at every
     # layer its S running rows fill exactly ceil(S / 8) calls instead of straggling in part-empty batches.

@@ -169,45 +169,69 @@ class Backbone:
         """Keep some rows (a bool mask or index tensor); drop padding columns nobody needs."""
         idx = keep.nonzero().flatten() if keep.dtype == torch.bool else keep
         mask2d = state.mask2d.index_select(0, idx)
+        if state.unpadded:  # every row is full length: nothing to trim, and no padding to find
+            return self._batch(state, state.hidden.index_select(0, idx), mask2d, mask2d.shape[1], unpadded=True)
         width = int(mask2d.sum(dim=1).max().item()) if idx.numel() else 0
-        new = BatchState(
-            hidden=state.hidden.index_select(0, idx)[:, :width],
-            mask2d=mask2d[:, :width],
-            mask4d=None,
-            position_ids=None if state.position_ids is None else state.position_ids[:, :width],
-            position_embeddings=None,
-        )
-        if state.position_embeddings is not None:
-            # Rotary tables depend on positions only (shape (1, T, d)): slicing equals recomputing.
-            new.position_embeddings = tuple(t[:, :width] for t in state.position_embeddings)
-        if idx.numel():
-            self._build_mask(new)
-        return new
+        return self._batch(state, state.hidden.index_select(0, idx)[:, :width], mask2d[:, :width], width)
 
     def repack(self, states: list[BatchState], keeps: list[torch.Tensor], batch_size: int) -> list[BatchState]:
         """The kept rows of several batches (bool masks), in order, packed into batches of
-        ``batch_size``, each as wide as its longest row. Hidden states move as they are: a row's
-        padding columns are masked, so what they hold does not reach its real tokens."""
+        ``batch_size``, each as wide as its longest row. Each new batch gathers its rows straight
+        from the batches they were in (one index_select per source, and a concatenation when it
+        draws on several), with no merged tensor of all survivors in between. Hidden states move
+        as they are: a row's padding columns are masked, so what they hold does not reach its
+        real tokens."""
         parts = [(st, keep.nonzero().flatten()) for st, keep in zip(states, keeps, strict=True)]
         parts = [(st, idx) for st, idx in parts if idx.numel()]
-        if not parts:
-            return []
-        widest = max((st for st, _ in parts), key=lambda st: st.hidden.shape[1])
         total = sum(idx.numel() for _, idx in parts)
-        hidden = widest.hidden.new_zeros((total, widest.hidden.shape[1], widest.hidden.shape[2]))
-        mask2d = widest.mask2d.new_zeros((total, widest.hidden.shape[1]))
+        out: list[BatchState] = []
+        for start in range(0, total, batch_size):
+            pieces, at = [], 0
+            for st, idx in parts:  # the sources' rows that fall in [start, start + batch_size)
+                lo, hi = max(start - at, 0), min(start + batch_size - at, idx.numel())
+                if lo < hi:
+                    pieces.append((st, idx[lo:hi]))
+                at += idx.numel()
+            out.append(self._gather(pieces))
+        return out
+
+    def _gather(self, pieces: list[tuple[BatchState, torch.Tensor]]) -> BatchState:
+        """One batch of the given rows of some batches, trimmed to its longest row."""
+        if len(pieces) == 1:
+            return self.select(*pieces[0])
+        if all(st.unpadded for st, _ in pieces) and len({st.hidden.shape[1] for st, _ in pieces}) == 1:
+            # Equally long rows without padding (as a group of length-sorted batches mostly holds):
+            # the rows join as they are, and the batch is unpadded too.
+            hidden = torch.cat([st.hidden.index_select(0, idx) for st, idx in pieces])
+            mask2d = torch.cat([st.mask2d.index_select(0, idx) for st, idx in pieces])
+            return self._batch(pieces[0][0], hidden, mask2d, hidden.shape[1], unpadded=True)
+        widest = max((st for st, _ in pieces), key=lambda st: st.hidden.shape[1])
+        n, t = sum(idx.numel() for _, idx in pieces), widest.hidden.shape[1]
+        hidden = widest.hidden.new_zeros((n, t, widest.hidden.shape[2]))
+        mask2d = widest.mask2d.new_zeros((n, t))
         at = 0
-        for st, idx in parts:
-            m, t = idx.numel(), st.hidden.shape[1]
-            hidden[at : at + m, :t] = st.hidden.index_select(0, idx)
-            mask2d[at : at + m, :t] = st.mask2d.index_select(0, idx)
+        for st, idx in pieces:
+            m, w = idx.numel(), st.hidden.shape[1]
+            hidden[at : at + m, :w] = st.hidden.index_select(0, idx)
+            mask2d[at : at + m, :w] = st.mask2d.index_select(0, idx)
             at += m
-        # One right-padded batch of all survivors, cut into batches by select (which trims each
-        # to its widest row and slices the rotary tables, as when rows leave a single batch).
-        merged = BatchState(hidden=hidden, mask2d=mask2d, mask4d=None, position_ids=widest.position_ids,
-                            position_embeddings=widest.position_embeddings)
-        return [self.select(merged, torch.arange(start, min(start + batch_size, total)))
-                for start in range(0, total, batch_size)]
+        width = int(mask2d.sum(dim=1).max().item())
+        return self._batch(widest, hidden[:, :width], mask2d[:, :width], width)
+
+    def _batch(self, like: BatchState, hidden: torch.Tensor, mask2d: torch.Tensor, width: int, *,
+               unpadded: bool | None = None) -> BatchState:
+        """A batch of these rows, ``width`` columns wide, with ``like``'s positions (at least as wide)."""
+        new = BatchState(
+            hidden=hidden, mask2d=mask2d, mask4d=None,
+            position_ids=None if like.position_ids is None else like.position_ids[:, :width],
+            position_embeddings=None,
+        )
+        if like.position_embeddings is not None:
+            # Rotary tables depend on positions only (shape (1, T, d)): slicing equals recomputing.
+            new.position_embeddings = tuple(t[:, :width] for t in like.position_embeddings)
+        if hidden.shape[0]:
+            self._build_mask(new, unpadded)
+        return new
 
 
 def _first(module: nn.Module, paths: tuple[str, ...]) -> Any:
