@@ -58,6 +58,11 @@ EPSILONS = (0.005, 0.01, 0.02)
 DELTA = 0.1
 RULES = ("max_prob", "entropy", "patience")
 RISKS = ("accuracy_drop", "gap")
+#: Rows kept per task (whole articles, by document) and tokens per text: full run, --quick.
+CAPS = {"minilm": 2400, "smollm2": 1200}
+QUICK_CAPS = {"minilm": 1200, "smollm2": 350}
+MAX_LENGTH, QUICK_MAX_LENGTH = 48, 24
+MINILM_POOLING = "mean"
 
 
 def _log(msg: str) -> None:
@@ -87,16 +92,16 @@ def _subsample(ts: Any, cap: int, seed: int) -> Any:
 
 
 def prepare_minilm(task: str, *, threads: int) -> Any:
-    """The full run's MiniLM setting for one task (2,400-row cap, 48 tokens, mean pooling), for
-    the side benchmarks that take one of its rows apart."""
+    """The full run's MiniLM setting for one task (:data:`CAPS`, :data:`MAX_LENGTH`,
+    :data:`MINILM_POOLING`), for the side benchmarks that take one of its rows apart."""
     import torch
 
     from stopwise.encoder import recipes
 
     torch.set_num_threads(threads)
     warnings.filterwarnings("ignore")
-    ts = _subsample(_tasks(False)[task](), 2400, seed=0)
-    return recipes.prepare(ts, base="minilm", max_length=48, progress=False, pooling="mean")
+    ts = _subsample(_tasks(False)[task](), CAPS["minilm"], seed=0)
+    return recipes.prepare(ts, base="minilm", max_length=MAX_LENGTH, progress=False, pooling=MINILM_POOLING)
 
 
 def _units(enc: Any, batch: int) -> list[Any]:
@@ -359,13 +364,13 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
-    caps = {"minilm": 1200 if args.quick else 2400, "smollm2": 350 if args.quick else 1200}
-    common = {"max_length": 24 if args.quick else 48, "repeats": args.repeats or (30 if args.quick else 200)}
+    caps = dict(QUICK_CAPS if args.quick else CAPS)
+    common = {"max_length": QUICK_MAX_LENGTH if args.quick else MAX_LENGTH, "repeats": args.repeats or (30 if args.quick else 200)}
     # The 30-layer backbone times fewer rows once (its timings are long, hence less noisy) and skips
     # CHAMP: at 2 cores the full matrix would not fit one session.
     per_backbone = {
         "minilm": {"n_time32": 96 if args.quick else 256, "n_time1": 16 if args.quick else 64,
-                   "timing_repeats": 2 if args.quick else 5, "pooling": "mean", "tasks": None},
+                   "timing_repeats": 2 if args.quick else 5, "pooling": MINILM_POOLING, "tasks": None},
         "smollm2": {"n_time32": 64 if args.quick else 128, "n_time1": 8 if args.quick else 32,
                     "timing_repeats": 2 if args.quick else 3, "pooling": args.smollm2_pooling, "tasks": ("bbc_articles", "bbc_sentences")},
     }

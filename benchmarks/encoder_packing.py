@@ -21,7 +21,6 @@ import json
 import os
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -39,17 +38,13 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--in-flight", default="1,4,8", help="batches in flight to compare (comma-separated)")
     args = parser.parse_args()
+    import encoder as bench
     import numpy as np
-    import torch
-    from encoder import _subsample
 
     import stopwise as sw
-    from stopwise.encoder import data, recipes
 
-    torch.set_num_threads(2)
-    warnings.filterwarnings("ignore")
     t0 = time.perf_counter()
-    prep = recipes.prepare(_subsample(data.bbc_news(), 2400, seed=0), base="minilm", max_length=48, progress=False)
+    prep = bench.prepare_minilm("bbc_articles", threads=2)
     clf, cal = prep.clf, prep.trace("cal")
     enc = clf.tokenize(prep.texts("test")[: args.rows])
     bs = args.batch_size
