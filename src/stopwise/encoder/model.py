@@ -410,7 +410,8 @@ class EarlyExitClassifier:
         4 × ``batch_size``) advance layer by layer together, and when exits leave their batches
         part-empty, the survivors are re-packed into fewer full batches: a layer on a few rows
         costs far more per row than on a full batch, so without re-packing the last rows of each
-        batch would eat much of what early exit saves. ``trace_calls``, if given, receives the
+        batch would eat much of what early exit saves. The hidden states of all ``in_flight`` rows
+        are held at once (rows × tokens × hidden size floats). ``trace_calls``, if given, receives the
         number of rows each layer call ran on.
         """
         self._require_fitted()
