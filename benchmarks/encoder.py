@@ -62,7 +62,8 @@ RISKS = ("accuracy_drop", "gap")
 CAPS = {"minilm": 2400, "smollm2": 1200}
 QUICK_CAPS = {"minilm": 1200, "smollm2": 350}
 MAX_LENGTH, QUICK_MAX_LENGTH = 48, 24
-MINILM_POOLING = "mean"
+#: Pooling per backbone (SmolLM2: --smollm2-pooling's default).
+POOLING = {"minilm": "mean", "smollm2": "mean"}
 
 
 def _log(msg: str) -> None:
@@ -91,17 +92,21 @@ def _subsample(ts: Any, cap: int, seed: int) -> Any:
     return ts.take(rows)
 
 
-def prepare_minilm(task: str, *, threads: int) -> Any:
-    """The full run's MiniLM setting for one task (:data:`CAPS`, :data:`MAX_LENGTH`,
-    :data:`MINILM_POOLING`), for the side benchmarks that take one of its rows apart."""
+def prepare_backbone(backbone: str, task: str, *, threads: int) -> Any:
+    """The full run's setting for one backbone and task (:data:`CAPS`, :data:`MAX_LENGTH`,
+    :data:`POOLING`), for the side benchmarks that take one of its rows apart."""
     import torch
 
     from stopwise.encoder import recipes
 
     torch.set_num_threads(threads)
     warnings.filterwarnings("ignore")
-    ts = _subsample(_tasks(False)[task](), CAPS["minilm"], seed=0)
-    return recipes.prepare(ts, base="minilm", max_length=MAX_LENGTH, progress=False, pooling=MINILM_POOLING)
+    ts = _subsample(_tasks(False)[task](), CAPS[backbone], seed=0)
+    return recipes.prepare(ts, base=backbone, max_length=MAX_LENGTH, progress=False, pooling=POOLING[backbone])
+
+
+def prepare_minilm(task: str, *, threads: int) -> Any:
+    return prepare_backbone("minilm", task, threads=threads)
 
 
 def _units(enc: Any, batch: int) -> list[Any]:
@@ -352,7 +357,7 @@ def main() -> None:
     parser.add_argument("--backbones", default="minilm,smollm2")
     parser.add_argument("--tasks", default=None, help="comma-separated tasks to run (default: each backbone's own)")
     parser.add_argument("--repeats", type=int, default=None, help="random splits per validity check (default 200)")
-    parser.add_argument("--smollm2-pooling", default="mean", choices=("mean", "last"))
+    parser.add_argument("--smollm2-pooling", default=POOLING["smollm2"], choices=("mean", "last"))
     parser.add_argument("--timing-repeats", type=int, default=None,
                         help="timed calls per side over all rows at batch 32, twice that per row at batch 1, best taken "
                              "(default: 5 MiniLM, 3 SmolLM2)")
@@ -370,7 +375,7 @@ def main() -> None:
     # CHAMP: at 2 cores the full matrix would not fit one session.
     per_backbone = {
         "minilm": {"n_time32": 96 if args.quick else 256, "n_time1": 16 if args.quick else 64,
-                   "timing_repeats": 2 if args.quick else 5, "pooling": MINILM_POOLING, "tasks": None},
+                   "timing_repeats": 2 if args.quick else 5, "pooling": POOLING["minilm"], "tasks": None},
         "smollm2": {"n_time32": 64 if args.quick else 128, "n_time1": 8 if args.quick else 32,
                     "timing_repeats": 2 if args.quick else 3, "pooling": args.smollm2_pooling, "tasks": ("bbc_articles", "bbc_sentences")},
     }

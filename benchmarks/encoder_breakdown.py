@@ -1,8 +1,9 @@
 """Where batch-32 early exit loses to its ideal: predict's time split into its parts.
 
-MiniLM-L6 (48 tokens, the encoder benchmark's setting and rows) on one task, one certified rule
-(default: BBC articles, max_prob, accuracy drop at ε = 0.02, δ = 0.1, the row that reads lowest
-at batch 32 in ``benchmarks/results/encoder_minilm.json``). The timed rows are cut into the slices
+MiniLM-L6 or SmolLM2-135M (``--backbone``; 48 tokens, the encoder benchmark's setting and rows)
+on one task, one certified rule (default: BBC articles, max_prob, accuracy drop at ε = 0.02,
+δ = 0.1, among the rows that read lowest at batch 32 in ``benchmarks/results/encoder_minilm.json``).
+The timed rows are cut into the slices
 of predict's in_flight as in ``encoder.py``; one pass times every slice once with one setting, and
 the passes alternate full, early, early, full, ... so a drift of the machine hits neither side
 alone. Each side's fastest pass is reported, split by timers around the backbone's calls and
@@ -17,6 +18,7 @@ predict's own steps:
   from ``layers_ms`` alone, the ceiling if predict's other steps cost nothing.
 
     PYTHONPATH=src python benchmarks/encoder_breakdown.py --json
+    PYTHONPATH=src python benchmarks/encoder_breakdown.py --json --backbone smollm2 --task bbc_sentences --rule entropy
 """
 
 from __future__ import annotations
@@ -70,7 +72,9 @@ def main() -> None:
     parser.add_argument("--rule", default="max_prob", choices=("max_prob", "entropy", "patience"))
     parser.add_argument("--risk", default="accuracy_drop", choices=("accuracy_drop", "gap"))
     parser.add_argument("--epsilon", type=float, default=0.02)
-    parser.add_argument("--rows", type=int, default=256, help="timed test rows (encoder.py times 256 at batch 32)")
+    parser.add_argument("--backbone", default="minilm", choices=("minilm", "smollm2"))
+    parser.add_argument("--rows", type=int, default=None,
+                        help="timed test rows (default: as encoder.py times at batch 32, 256 MiniLM, 128 SmolLM2)")
     parser.add_argument("--passes", type=int, default=12, help="timed passes per side")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -79,12 +83,14 @@ def main() -> None:
     import stopwise as sw
     from stopwise.encoder.model import Encoded
 
-    prep = bench.prepare_minilm(args.task, threads=args.threads)
+    rows_default = {"minilm": 256, "smollm2": 128}
+    n_rows = rows_default[args.backbone] if args.rows is None else args.rows
+    prep = bench.prepare_backbone(args.backbone, args.task, threads=args.threads)
     clf = prep.clf
     cert = sw.calibrate(prep.trace("cal"), sw.make_rule(args.rule), epsilon=args.epsilon, delta=0.1, risk=args.risk)
     if not cert.certified:
         parser.error(f"--epsilon {args.epsilon} certifies no λ for {args.rule} on {args.task}; pick a larger one.")
-    enc = Encoded(clf.tokenize(prep.texts("test")).ids[: args.rows])
+    enc = Encoded(clf.tokenize(prep.texts("test")).ids[:n_rows])
     units = bench._units(enc, 32)
     exit_layer = clf.predict(enc, batch_size=32, certificate=cert).exit_layer
     clock: dict[str, float] = defaultdict(float)
@@ -107,7 +113,7 @@ def main() -> None:
     ideal = clf.n_layers / float(exit_layer.mean())
     full, early = best["full"], best["early"]
     out = {
-        "benchmark": "encoder_breakdown", "task": args.task, "rule": args.rule, "risk": args.risk,
+        "benchmark": "encoder_breakdown", "backbone": args.backbone, "task": args.task, "rule": args.rule, "risk": args.risk,
         "epsilon": args.epsilon, "lam": cert.lam, "rows": len(enc), "passes": args.passes, "threads": args.threads,
         "mean_layers": float(exit_layer.mean()), "ideal_speedup": ideal, "full": full, "early": early,
         "wall_over_ideal": full["total_ms"] / early["total_ms"] / ideal,
