@@ -83,8 +83,7 @@ def main() -> None:
     import stopwise as sw
     from stopwise.encoder.model import Encoded
 
-    rows_default = {"minilm": 256, "smollm2": 128}
-    n_rows = rows_default[args.backbone] if args.rows is None else args.rows
+    n_rows = bench.N_TIME32[args.backbone] if args.rows is None else args.rows
     prep = bench.prepare_backbone(args.backbone, args.task, threads=args.threads)
     clf = prep.clf
     cert = sw.calibrate(prep.trace("cal"), sw.make_rule(args.rule), epsilon=args.epsilon, delta=0.1, risk=args.risk)

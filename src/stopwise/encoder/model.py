@@ -35,6 +35,8 @@ WEIGHTS_NAME = "heads.safetensors"
 CERTIFICATE_NAME = "certificate.json"
 FORMAT = "stopwise.encoder.heads"
 POOLINGS = ("mean", "cls", "last")
+#: Batches that advance layer by layer together in predict by default (in_flight = this × batch_size).
+IN_FLIGHT_BATCHES = 4
 COSTS = ("layers", "flops")
 #: Keys a heads config may hold; others are warned about (written by a newer stopwise?).
 CONFIG_KEYS = frozenset({
@@ -417,7 +419,7 @@ class EarlyExitClassifier:
         self._require_fitted()
         cost = check_choice(cost, "cost", "EarlyExitClassifier.predict", COSTS)
         batch_size = check_int(batch_size, "batch_size", "predict", minimum=1)
-        in_flight = 4 * batch_size if in_flight is None else check_int(in_flight, "in_flight", "predict", minimum=batch_size)
+        in_flight = IN_FLIGHT_BATCHES * batch_size if in_flight is None else check_int(in_flight, "in_flight", "predict", minimum=batch_size)
         # One look at the head tensors per call, shared by the certificate check and the folded heads.
         heads_key = self.heads.state_key()
         stop_rule = self._stopper_rule(rule, certificate, heads_key)
