@@ -194,6 +194,78 @@ def test_mean_pooling_with_kept_weights_is_the_masked_mean():
     assert torch.equal(pool(hidden, mask, "mean", weights=mean_weights(mask, hidden.dtype)), pool(hidden, mask, "mean"))
 
 
+def _tiny_decoder(family: str):
+    import transformers as tf
+
+    cfg = {"llama": tf.LlamaConfig, "qwen2": tf.Qwen2Config}[family](
+        hidden_size=32, num_hidden_layers=3, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1,
+        vocab_size=30522)
+    torch.manual_seed(0)
+    model = tf.AutoModel.from_config(cfg).eval()
+    with torch.no_grad():
+        model.norm.weight.uniform_(0.5, 1.5)  # at init it is all ones, which would hide a missing scale
+    return model
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_decoder_exit_heads_pool_before_the_final_norm_to_the_same_values(family):
+    """Early layers' heads norm the pooled token (cls, last) or fold an RMSNorm into the mean's
+    weights; the values are the norm-then-pool ones up to float32 rounding."""
+    from stopwise.encoder.backbone import Backbone
+
+    model = _tiny_decoder(family)
+    bb = Backbone(model)
+    assert bb._rms_eps == pytest.approx(model.config.rms_norm_eps)
+    mask = torch.tensor([[1] * 7, [1] * 4 + [0] * 3, [1] * 2 + [0] * 5])
+    ids = torch.randint(1, 30522, (3, 7), generator=torch.Generator().manual_seed(0)) * mask
+    with torch.inference_mode():
+        state = bb.start(ids, mask)
+        bb.layer(0, state)
+        for how in ("mean", "last", "cls"):
+            exact = bb.pooled(state, how)
+            assert torch.equal(exact, pool(bb.output(state), mask, how))
+            torch.testing.assert_close(bb.pooled(state, how, exact=False), exact, rtol=1e-6, atol=1e-6)
+
+
+def test_a_norm_of_another_formula_is_never_folded():
+    from stopwise.encoder.backbone import Backbone
+
+    class OnePlusWeightNorm(torch.nn.Module):  # Gemma's form: x / rms * (1 + weight), same attributes
+        def __init__(self, like: torch.nn.Module) -> None:
+            super().__init__()
+            self.weight, self.variance_epsilon = like.weight, like.variance_epsilon
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon) * (1 + self.weight)
+
+    model = _tiny_decoder("llama")
+    model.norm = OnePlusWeightNorm(model.norm)
+    bb = Backbone(model)
+    assert bb._rms_eps is None
+    mask = torch.tensor([[1] * 5, [1] * 3 + [0] * 2])
+    with torch.inference_mode():
+        state = bb.start(torch.randint(1, 30522, (2, 5), generator=torch.Generator().manual_seed(1)) * mask, mask)
+        bb.layer(0, state)
+        assert torch.equal(bb.pooled(state, "mean", exact=False), bb.pooled(state, "mean"))
+
+
+def test_a_decoder_with_mean_pooling_decides_online_as_recorded(clf):
+    m = EarlyExitClassifier.from_base((_tiny_decoder("llama"), clf.tokenizer), class_names=["a", "b", "c"],
+                                      max_length=24, pooling="mean")
+    texts = ["a short one", "a somewhat longer sentence about markets and shares", "x", "shares rose",
+             "the match ended in a draw after extra time", "a film review", "rain later", "the minister resigned"]
+    m.fit(texts * 3, [0, 1, 2, 0, 1, 2, 0, 1] * 3, epochs=20, progress=False)
+    # The final head pools the normed states op for op as the bare model's output is pooled.
+    assert torch.equal(torch.from_numpy(m.predict(texts, sort=False).probs), _bare_final_probs(m, texts))
+    trace = m.record(texts, progress=False)
+    lam = _lam_between_values(sw.MaxProb().z(trace)[:, :2])
+    halts = sw.MaxProb(lam=lam).halts(trace)
+    assert halts.min() < m.n_layers - 1 and halts.min() < halts.max()  # some exit early (folded norm), not all
+    pred = m.predict(texts, rule=sw.MaxProb(lam=lam), batch_size=2)
+    assert np.array_equal(pred.exit_layer - 1, halts)
+    np.testing.assert_allclose(pred.probs, trace.probs[np.arange(trace.n), halts], atol=1e-6)
+
+
 def test_exited_rows_leave_the_batch(clf, bbc, test_trace):
     lam = _lam_between_values(sw.MaxProb().z(test_trace)[:, 0])
     calls: list[int] = []

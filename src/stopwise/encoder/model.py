@@ -25,7 +25,7 @@ from torch.nn import functional as F
 from stopwise._errors import StopwiseError, check_choice, check_int
 from stopwise._version import __version__
 from stopwise.certificate import Certificate
-from stopwise.encoder.backbone import Backbone, BatchState, mean_weights, pool
+from stopwise.encoder.backbone import Backbone, BatchState, mean_weights
 from stopwise.encoder.heads import HEAD_TYPES, ExitHeads, train_heads
 from stopwise.rules import Rule, make_rule
 from stopwise.trace import StageBatch, Trace
@@ -246,11 +246,12 @@ class EarlyExitClassifier:
             yield rows, ids, mask, False
 
     # -- features and training ---------------------------------------------------------------
-    def _pooled(self, state: BatchState) -> torch.Tensor:
-        hidden = self.backbone.output(state)
+    def _pooled(self, k: int, state: BatchState) -> torch.Tensor:
+        """Layer k's pooled output; the final layer's op for op as the bare model's (see
+        :meth:`Backbone.pooled`), the others' by the cheapest equal function."""
         if self.pooling == "mean" and state.mean_weights is None:
-            state.mean_weights = self._mean_weights(state, hidden.dtype)
-        return pool(hidden, state.mask2d, self.pooling, weights=state.mean_weights)
+            state.mean_weights = self._mean_weights(state, state.hidden.dtype)
+        return self.backbone.pooled(state, self.pooling, weights=state.mean_weights, exact=k == self.n_layers - 1)
 
     def _mean_weights(self, state: BatchState, dtype: torch.dtype) -> torch.Tensor:
         if not state.unpadded:
@@ -282,7 +283,7 @@ class EarlyExitClassifier:
             idx = torch.as_tensor(rows)
             for k in range(self.n_layers):
                 self.backbone.layer(k, state)
-                out[idx, k] = self._pooled(state).float()
+                out[idx, k] = self._pooled(k, state).float()
             bar.update(len(rows))
         bar.close()
         return out
@@ -477,7 +478,7 @@ class EarlyExitClassifier:
         dtype = self.heads.dtype
 
         def head(k: int, state: BatchState) -> torch.Tensor:
-            pooled = self._pooled(state)
+            pooled = self._pooled(k, state)
             if folded is None:
                 logits = self.heads.logits(k, pooled)
             else:
