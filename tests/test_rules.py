@@ -185,6 +185,38 @@ def test_max_prob_margin_entropy_values() -> None:
     assert sw.Entropy().halts(t, h + 1e-9).tolist() == [0]
 
 
+@settings(max_examples=300, deadline=None)
+@given(c=st.integers(2, 60), scale=st.sampled_from([0.01, 1.0, 5.0, 30.0, 200.0]), seed=st.integers(0, 2**31 - 1),
+       normalized=st.booleans())
+def test_entropy_bounds_from_the_top_value_hold_on_float32_softmax(c: int, scale: float, seed: int,
+                                                                   normalized: bool) -> None:
+    rng = np.random.default_rng(seed)
+    x = (rng.normal(size=(16, c)) * scale).astype(np.float32)
+    e = np.exp(x - x.max(axis=1, keepdims=True))
+    p = (e / e.sum(axis=1, keepdims=True, dtype=np.float32)).astype(np.float64)  # as a float32 head gives them
+    rule = sw.Entropy(normalized=normalized)
+    for row, h in zip(p, rule.stage_statistic(p), strict=True):
+        bounds = rule.stage_statistic_bounds(float(row.max()), c)
+        assert bounds is not None
+        assert bounds[0] <= h <= bounds[1]
+
+
+def test_entropy_bounds_are_tight_at_the_ends_and_belong_to_the_statistic() -> None:
+    rule = sw.Entropy()
+    lo, hi = rule.stage_statistic_bounds(1.0, 5)
+    assert lo <= 0.0 <= hi < 1e-4
+    lo, hi = rule.stage_statistic_bounds(0.2, 5)
+    assert np.log(5) - 1e-5 < lo <= np.log(5) <= hi < np.log(5) + 1e-5
+    assert rule.stage_statistic_bounds(float("nan"), 5) is None and rule.stage_statistic_bounds(0.0, 5) is None
+    assert sw.MaxProb().stage_statistic_bounds(0.5, 5) is None
+
+    class Doubled(sw.Entropy):  # another statistic: the entropy's bounds no longer apply
+        def stage_statistic(self, probs: np.ndarray) -> np.ndarray:
+            return 2 * super().stage_statistic(probs)
+
+    assert Doubled().stage_statistic_bounds(0.5, 5) is None
+
+
 def test_patience_counts_unchanged_predictions_like_pabee() -> None:
     t = toy([[3, 1, 1, 1, 2, 2]])
     np.testing.assert_array_equal(sw.Patience().z(t), [[0, 0, 1, 2, 0, 1]])

@@ -672,8 +672,18 @@ def _lone_row_decider(rule: Rule) -> Callable[[torch.Tensor], np.ndarray | None]
     t, stat, neg = rule.threshold(), rule.stage_statistic, rule.direction < 0
     if t == np.inf:
         return lambda p: None  # +inf never fires, even on a statistic of +inf (as in the Stopper)
+    bounds = None if type(rule).stage_statistic_bounds is Rule.stage_statistic_bounds else rule.stage_statistic_bounds
 
     def on_statistic(p: torch.Tensor) -> np.ndarray | None:
+        if bounds is not None and p.dtype == torch.float32:
+            # Far from the threshold the head's top value settles it (entropy: one max and a few
+            # floats instead of a float64 copy and four numpy calls after every layer).
+            b = bounds(float(p.max()), p.shape[-1])
+            if b is not None:
+                if b[0] > -t if neg else b[1] < t:
+                    return None
+                if b[1] <= -t if neg else b[0] >= t:
+                    return _numpy(p)
         p64 = _numpy(p)
         s = stat(p64)[0]  # type: ignore[index]
         return p64 if (s <= -t if neg else s >= t) else None

@@ -29,7 +29,7 @@ State = Any
 #: Rows per block in offline halting.
 HALT_BLOCK = 1 << 14
 #: Methods that describe :meth:`Rule.update`'s statistic to adapters that skip the Stopper.
-_SHORTCUTS = ("stage_statistic", "top_prob_threshold")
+_SHORTCUTS = ("stage_statistic", "top_prob_threshold", "stage_statistic_bounds")
 
 
 class Rule(ABC):
@@ -57,6 +57,9 @@ class Rule(ABC):
             for name in _SHORTCUTS:
                 if name not in cls.__dict__:
                     setattr(cls, name, getattr(Rule, name))
+        # Bounds describe the statistic they were derived for: a new statistic drops them.
+        if "stage_statistic" in cls.__dict__ and "stage_statistic_bounds" not in cls.__dict__:
+            cls.stage_statistic_bounds = Rule.stage_statistic_bounds  # type: ignore[method-assign]
 
     # -- what subclasses write --------------------------------------------------------------
     def init_state(self, n: int) -> State:
@@ -140,6 +143,14 @@ class Rule(ABC):
         probabilities alone (no state, no signals, nothing from earlier stages): the statistic of
         each row of ``probs`` (n, C) float64, exactly as :meth:`update` computes it; None for any
         other rule. An adapter may then decide a lone row on it without a :class:`Stopper`."""
+        return None
+
+    def stage_statistic_bounds(self, top: float, n_classes: int) -> tuple[float, float] | None:
+        """For a rule with a :meth:`stage_statistic`: (lo, hi) such that the statistic of any
+        float32 softmax output over ``n_classes`` classes whose largest value is ``top`` lies in
+        [lo, hi], rounding included; None when the rule knows none. An adapter may then decide a
+        lone row whose statistic is far from the threshold on the head's top value alone, and
+        compute the statistic only near it: the same decisions, fewer calls after each layer."""
         return None
 
     def top_prob_threshold(self, lam: float | None = None) -> float | None:

@@ -42,6 +42,23 @@ def _entropy(p: FloatArray, normalized: bool) -> FloatArray:
     return h / np.log(p.shape[1]) if normalized else h
 
 
+def _entropy_bounds(top: float, c: int, normalized: bool) -> tuple[float, float] | None:
+    """Bounds on :func:`_entropy` of any c nonnegative values with largest ``top`` and sum S within
+    float32 softmax's rounding of 1 (|S - 1| <= s). Below: each -log p_i >= -log top, so
+    H >= -S log top. Above: the other values' mass R = S - top gives at most R log((c - 1) / R),
+    reached when spread evenly, which grows with R up to R = (c - 1) / e (the reasoning behind
+    Fano's inequality, Cover & Thomas 2006, Thm 2.10.1). Widened by 1e-9 for float64 rounding."""
+    if c < 2 or not 0.0 < top <= 2.0:  # NaN fails the comparison too
+        return None
+    s = (c + 3) * 2.4e-7  # softmax: ~2 ulps per value, and the denominator's sum over c terms
+    log_top = math.log(top)
+    lo = -(1.0 - s if log_top < 0.0 else 1.0 + s) * log_top
+    r, peak = 1.0 + s - top, (c - 1) / math.e
+    rest = 0.0 if r <= 0.0 else (r * math.log((c - 1) / r) if r < peak else peak)
+    lo, hi = lo - 1e-9, -top * log_top + rest + 1e-9
+    return (lo / math.log(c), hi / math.log(c)) if normalized else (lo, hi)
+
+
 class MaxProb(Rule):
     """Stop when the top class probability is >= λ (the classic softmax-confidence exit)."""
 
@@ -105,6 +122,9 @@ class Entropy(Rule):
 
     def stage_statistic(self, probs: FloatArray) -> FloatArray:
         return _entropy(probs, self.normalized)
+
+    def stage_statistic_bounds(self, top: float, n_classes: int) -> tuple[float, float] | None:
+        return _entropy_bounds(top, n_classes, self.normalized)
 
     def earliest_stop(self, lam: float | None = None) -> float:
         return math.inf if -self.threshold(lam) < 0.0 else 0.0  # no entropy is negative
