@@ -64,7 +64,7 @@ def _via_stopper(lam: float) -> Any:
     from stopwise.rules import MaxProb
 
     class ViaStopper(MaxProb):
-        def top_prob_threshold(self, lam: float | None = None) -> float | None:
+        def top_prob_band(self, n_classes: int, lam: float | None = None) -> tuple[float, float] | None:
             return None
 
     return ViaStopper(lam=lam)

@@ -8,6 +8,7 @@ from scipy.special import betainc
 
 import stopwise as sw
 from stopwise.rules import RULES, describe_rules, make_rule, rule_from_config
+from stopwise.rules.confidence import _entropy_bounds
 from stopwise.trace import NO_ANSWER, StageBatch, Trace
 
 # -- random traces for the property tests --------------------------------------------------
@@ -103,10 +104,10 @@ def test_a_subclass_that_rewrites_update_loses_the_shortcuts() -> None:
             return state, s - 0.5
 
     p = np.array([[0.7, 0.3]])
-    assert sw.MaxProb(lam=0.8).top_prob_threshold() == 0.8
+    assert sw.MaxProb(lam=0.8).top_prob_band(5) == (0.8, 0.8)
     np.testing.assert_array_equal(sw.MaxProb().stage_statistic(p), [0.7])
     # Its update still works through super(), but the shortcuts would describe MaxProb's statistic.
-    assert Shifted(lam=0.1).top_prob_threshold() is None and Shifted().stage_statistic(p) is None
+    assert Shifted(lam=0.1).top_prob_band(5) is None and Shifted().stage_statistic(p) is None
     _, s = Shifted().update(None, StageBatch(index=0, predictions=np.array([0]), probs=p))
     np.testing.assert_allclose(s, [0.2])
 
@@ -185,36 +186,65 @@ def test_max_prob_margin_entropy_values() -> None:
     assert sw.Entropy().halts(t, h + 1e-9).tolist() == [0]
 
 
+def _float32_softmax(c: int, scale: float, seed: int, n: int = 16) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    x = (rng.normal(size=(n, c)) * scale).astype(np.float32)
+    e = np.exp(x - x.max(axis=1, keepdims=True))
+    return (e / e.sum(axis=1, keepdims=True, dtype=np.float32)).astype(np.float64)  # as a float32 head gives them
+
+
 @settings(max_examples=300, deadline=None)
 @given(c=st.integers(2, 60), scale=st.sampled_from([0.01, 1.0, 5.0, 30.0, 200.0]), seed=st.integers(0, 2**31 - 1),
        normalized=st.booleans())
 def test_entropy_bounds_from_the_top_value_hold_on_float32_softmax(c: int, scale: float, seed: int,
                                                                    normalized: bool) -> None:
-    rng = np.random.default_rng(seed)
-    x = (rng.normal(size=(16, c)) * scale).astype(np.float32)
-    e = np.exp(x - x.max(axis=1, keepdims=True))
-    p = (e / e.sum(axis=1, keepdims=True, dtype=np.float32)).astype(np.float64)  # as a float32 head gives them
-    rule = sw.Entropy(normalized=normalized)
-    for row, h in zip(p, rule.stage_statistic(p), strict=True):
-        bounds = rule.stage_statistic_bounds(float(row.max()), c)
+    p = _float32_softmax(c, scale, seed)
+    for row, h in zip(p, sw.Entropy(normalized=normalized).stage_statistic(p), strict=True):
+        bounds = _entropy_bounds(float(row.max()), c, normalized)
         assert bounds is not None
         assert bounds[0] <= h <= bounds[1]
 
 
-def test_entropy_bounds_are_tight_at_the_ends_and_belong_to_the_statistic() -> None:
-    rule = sw.Entropy()
-    lo, hi = rule.stage_statistic_bounds(1.0, 5)
-    assert lo <= 0.0 <= hi < 1e-4
-    lo, hi = rule.stage_statistic_bounds(0.2, 5)
-    assert np.log(5) - 1e-5 < lo <= np.log(5) <= hi < np.log(5) + 1e-5
-    assert rule.stage_statistic_bounds(float("nan"), 5) is None and rule.stage_statistic_bounds(0.0, 5) is None
-    assert sw.MaxProb().stage_statistic_bounds(0.5, 5) is None
+@settings(max_examples=300, deadline=None)
+@given(c=st.integers(2, 60), scale=st.sampled_from([0.01, 1.0, 3.0, 5.0, 30.0]), seed=st.integers(0, 2**31 - 1),
+       normalized=st.booleans(), q=st.floats(0.0, 1.0))
+def test_the_entropy_band_on_the_top_value_decides_as_the_entropy(c: int, scale: float, seed: int, normalized: bool,
+                                                                  q: float) -> None:
+    p = _float32_softmax(c, scale, seed, n=64)
+    rule = sw.Entropy(normalized=normalized)
+    h = rule.stage_statistic(p)
+    lam = float(np.quantile(h, q))  # a threshold among the rows' own entropies: both sides occur
+    band = rule.top_prob_band(c, lam)
+    assert band is not None
+    a, b = band
+    assert a < b
+    top = p.max(axis=1)
+    assert np.all(h[top < a] > lam)  # not stopped below the band
+    assert np.all(h[top >= b] <= lam)  # stopped above it
 
-    class Doubled(sw.Entropy):  # another statistic: the entropy's bounds no longer apply
+
+def test_the_entropy_band_is_narrow_and_belongs_to_the_statistic() -> None:
+    rule = sw.Entropy()
+    for c, lam in ((5, 0.1427), (5, 0.5), (2, 0.05), (40, 1.0)):
+        a, b = rule.top_prob_band(c, lam)
+        assert 1.0 / c <= a < b <= 1.0
+        # Just outside the band the bounds settle it; just inside they no longer do.
+        assert _entropy_bounds(a, c, False)[0] > lam >= _entropy_bounds(b, c, False)[1]
+        assert _entropy_bounds(a + 3e-7, c, False)[0] <= lam < _entropy_bounds(b - 3e-7, c, False)[1]
+    lo, hi = _entropy_bounds(1.0, 5, False)
+    assert lo <= 0.0 <= hi < 1e-4
+    lo, hi = _entropy_bounds(0.2, 5, False)
+    assert np.log(5) - 1e-5 < lo <= np.log(5) <= hi < np.log(5) + 1e-5
+    assert _entropy_bounds(float("nan"), 5, False) is None and _entropy_bounds(0.0, 5, False) is None
+    # Below 0 no entropy qualifies and above log C every one does: no band, the exact path.
+    assert rule.top_prob_band(5, -0.1) is None and rule.top_prob_band(5, 2.0) is None
+    assert rule.top_prob_band(1, 0.1) is None and sw.Margin().top_prob_band(5, 0.1) is None
+
+    class Doubled(sw.Entropy):  # another statistic: the entropy's band no longer applies
         def stage_statistic(self, probs: np.ndarray) -> np.ndarray:
             return 2 * super().stage_statistic(probs)
 
-    assert Doubled().stage_statistic_bounds(0.5, 5) is None
+    assert Doubled().top_prob_band(5, 0.1) is None
 
 
 def test_patience_counts_unchanged_predictions_like_pabee() -> None:

@@ -136,6 +136,8 @@ class EarlyExitClassifier:
         # from (see _stopper_rule and _head_fn).
         self._cert_rule: tuple[Certificate, tuple[Any, ...], ExitHeads, tuple[int, ...], Rule] | None = None
         self._head: tuple[ExitHeads, tuple[int, ...], Callable[[int, BatchState], torch.Tensor]] | None = None
+        # The certificate rule's lone-row decider (see _lone_decider).
+        self._lone: tuple[Rule, Callable[[torch.Tensor], np.ndarray | None] | None] | None = None
         self._unpadded_weights: dict[tuple[Any, ...], torch.Tensor] = {}
         self.base_id = f"{self.backbone.model_type}-{self.n_layers}x{self.hidden_size}-{_fingerprint_model(model)}"
         self._layer_params = sum(p.numel() for p in self.backbone.layers[0].parameters())
@@ -494,7 +496,7 @@ class EarlyExitClassifier:
         """Batches advancing layer by layer together; one stopper over all their rows, which sees
         them in the order of ``lives`` concatenated (kept through every select and re-pack)."""
         if rule is not None and len(group) == 1 and len(group[0][0]) == 1:
-            decide = _lone_row_decider(rule)
+            decide = self._lone_decider(rule)
             if decide is not None:
                 self._predict_row(group[0], decide, head, out, calls)
                 return
@@ -522,6 +524,19 @@ class EarlyExitClassifier:
                 gone = live_all[stop]
                 preds[gone], probs[gone], exit_layer[gone] = p[stop].argmax(axis=1), p[stop], k + 1
                 states, lives = self._shrink(states, lives, ~stop, batch_size)
+
+    def _lone_decider(self, rule: Rule) -> Callable[[torch.Tensor], np.ndarray | None] | None:
+        """:func:`_lone_row_decider`, kept for the certificate's rule: that rule is made by
+        _stopper_rule and never handed out, so it stays as it was. Making a decider asks the rule
+        for its band and probes its statistic, which at batch 1 on cold caches cost about as much
+        as deciding a row's layers."""
+        kept = self._lone
+        if kept is not None and kept[0] is rule:
+            return kept[1]
+        decide = _lone_row_decider(rule, len(self.class_names))
+        if self._cert_rule is not None and rule is self._cert_rule[4]:
+            self._lone = (rule, decide)
+        return decide
 
     def _predict_row(self, batch: tuple[np.ndarray, torch.Tensor, torch.Tensor, bool],
                      decide: Callable[[torch.Tensor], np.ndarray | None],
@@ -647,6 +662,9 @@ _ROW0.flags.writeable = False
 _PROBE = np.full((1, 2), 0.5)
 _PROBE.flags.writeable = False
 
+#: Softmax outputs a rule's top_prob_band holds for.
+_BAND_DTYPES = (torch.float32, torch.float64)
+
 
 def _snapshot(certificate: Certificate) -> tuple[Any, ...]:
     """What a certificate's rule and its check against a model are made from."""
@@ -654,12 +672,14 @@ def _snapshot(certificate: Certificate) -> tuple[Any, ...]:
             certificate.source.get("base_model"), certificate.source.get("heads"))
 
 
-def _lone_row_decider(rule: Rule) -> Callable[[torch.Tensor], np.ndarray | None] | None:
+def _lone_row_decider(rule: Rule, n_classes: int) -> Callable[[torch.Tensor], np.ndarray | None] | None:
     """How a lone row decides without a Stopper, or None when the rule needs one (it keeps state
     or reads signals). Each decides on exactly the floats the Stopper compares, so the row stops
     at the same layer; NaN never fires (the comparison is False), as in the Stopper."""
-    top = rule.top_prob_threshold()
-    if top is not None:
+    band = rule.top_prob_band(n_classes)
+    if band is not None and band[0] == band[1]:
+        top = band[0]
+
         # The head's largest value, converted to float64, is the Stopper's statistic: only the
         # answering head's probabilities are converted to numpy.
         def on_top(p: torch.Tensor) -> np.ndarray | None:
@@ -672,18 +692,17 @@ def _lone_row_decider(rule: Rule) -> Callable[[torch.Tensor], np.ndarray | None]
     t, stat, neg = rule.threshold(), rule.stage_statistic, rule.direction < 0
     if t == np.inf:
         return lambda p: None  # +inf never fires, even on a statistic of +inf (as in the Stopper)
-    bounds = None if type(rule).stage_statistic_bounds is Rule.stage_statistic_bounds else rule.stage_statistic_bounds
+    lo, hi = (-np.inf, np.inf) if band is None else band
 
     def on_statistic(p: torch.Tensor) -> np.ndarray | None:
-        if bounds is not None and p.dtype == torch.float32:
-            # Far from the threshold the head's top value settles it (entropy: one max and a few
-            # floats instead of a float64 copy and four numpy calls after every layer).
-            b = bounds(float(p.max()), p.shape[-1])
-            if b is not None:
-                if b[0] > -t if neg else b[1] < t:
-                    return None
-                if b[1] <= -t if neg else b[0] >= t:
-                    return _numpy(p)
+        if p.dtype in _BAND_DTYPES and p.shape[-1] == n_classes:
+            # Outside the band the head's top value settles it (entropy: one max instead of a
+            # float64 copy and four numpy calls after every layer). NaN falls through both.
+            top = float(p.max())
+            if top < lo:
+                return None
+            if top >= hi:
+                return _numpy(p)
         p64 = _numpy(p)
         s = stat(p64)[0]  # type: ignore[index]
         return p64 if (s <= -t if neg else s >= t) else None

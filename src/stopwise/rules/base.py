@@ -29,7 +29,7 @@ State = Any
 #: Rows per block in offline halting.
 HALT_BLOCK = 1 << 14
 #: Methods that describe :meth:`Rule.update`'s statistic to adapters that skip the Stopper.
-_SHORTCUTS = ("stage_statistic", "top_prob_threshold", "stage_statistic_bounds")
+_SHORTCUTS = ("stage_statistic", "top_prob_band")
 
 
 class Rule(ABC):
@@ -57,9 +57,9 @@ class Rule(ABC):
             for name in _SHORTCUTS:
                 if name not in cls.__dict__:
                     setattr(cls, name, getattr(Rule, name))
-        # Bounds describe the statistic they were derived for: a new statistic drops them.
-        if "stage_statistic" in cls.__dict__ and "stage_statistic_bounds" not in cls.__dict__:
-            cls.stage_statistic_bounds = Rule.stage_statistic_bounds  # type: ignore[method-assign]
+        # A band describes the statistic it was derived for: a new statistic drops it.
+        if "stage_statistic" in cls.__dict__ and "top_prob_band" not in cls.__dict__:
+            cls.top_prob_band = Rule.top_prob_band  # type: ignore[method-assign]
 
     # -- what subclasses write --------------------------------------------------------------
     def init_state(self, n: int) -> State:
@@ -145,18 +145,14 @@ class Rule(ABC):
         other rule. An adapter may then decide a lone row on it without a :class:`Stopper`."""
         return None
 
-    def stage_statistic_bounds(self, top: float, n_classes: int) -> tuple[float, float] | None:
-        """For a rule with a :meth:`stage_statistic`: (lo, hi) such that the statistic of any
-        float32 softmax output over ``n_classes`` classes whose largest value is ``top`` lies in
-        [lo, hi], rounding included; None when the rule knows none. An adapter may then decide a
-        lone row whose statistic is far from the threshold on the head's top value alone, and
-        compute the statistic only near it: the same decisions, fewer calls after each layer."""
-        return None
-
-    def top_prob_threshold(self, lam: float | None = None) -> float | None:
-        """The t such that this rule, at λ, stops a row at a stage exactly when that stage's top
-        class probability is >= t, whatever came before; None for any other rule. An adapter may
-        then decide a lone row on its own tensors, without a :class:`Stopper`."""
+    def top_prob_band(self, n_classes: int, lam: float | None = None) -> tuple[float, float] | None:
+        """(a, b) with a <= b such that this rule, at λ, does not stop a row at a stage whose
+        largest class probability (``top``, as a float) is < a, and stops it when ``top`` >= b,
+        whatever came before; None for any other rule. a == b says ``top`` alone decides on any
+        floats (max_prob). With a < b the band holds for a float32 (or float64) softmax output over
+        ``n_classes`` classes, rounding included, and within [a, b) :meth:`stage_statistic`
+        decides. An adapter may then decide a lone row on the head's largest value, without a
+        :class:`Stopper`, and compute the statistic only inside the band: the same decisions."""
         return None
 
     def halts(self, trace: Trace, lam: float | None = None) -> IntArray:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -59,6 +60,43 @@ def _entropy_bounds(top: float, c: int, normalized: bool) -> tuple[float, float]
     return (lo / math.log(c), hi / math.log(c)) if normalized else (lo, hi)
 
 
+@functools.lru_cache(maxsize=64)
+def _entropy_top_band(lam: float, c: int, normalized: bool) -> tuple[float, float]:
+    """:meth:`Entropy.top_prob_band`: the entropy is > λ when the top value is < a (by the lower
+    bound of :func:`_entropy_bounds`) and <= λ when it is >= b (by the upper bound). Both bounds
+    fall as the top value grows (the upper one's derivative is -log(top (c - 1) / R) <= 0, as the
+    rest R is at most (c - 1) top), so a bisection finds each; each is then moved outward by 1e-7
+    so that the bisection's own rounding never counts. Cached: predict asks once per call."""
+
+    def bound(side: int) -> Any:
+        return lambda top: _entropy_bounds(top, c, normalized)[side]  # type: ignore[index]
+
+    # The largest of c values whose sum is within float32 softmax's rounding s of 1 lies in
+    # [(1 - s) / c, 1 + s]; below that the bounds contradict each other.
+    s = (c + 3) * 2.4e-7
+    lowest, highest = (1.0 - s) / c * (1.0 - 1e-6), 1.0 + s
+    a = _first_at_most(bound(0), lam, lowest, highest)
+    b = _first_at_most(bound(1), lam, lowest, highest)
+    a, b = (a - 1e-7 if a > lowest else 0.0), (b + 1e-7 if b > lowest else 0.0)
+    return min(a, b), b
+
+
+def _first_at_most(f: Any, level: float, lo: float, hi: float) -> float:
+    """The smallest x in [lo, hi] with f(x) <= level for a nonincreasing f, to 1e-15 (inf when
+    f(hi) > level: no x qualifies)."""
+    if not f(hi) <= level:
+        return math.inf
+    if f(lo) <= level:
+        return lo
+    for _ in range(64):
+        mid = 0.5 * (lo + hi)
+        if f(mid) <= level:
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
 class MaxProb(Rule):
     """Stop when the top class probability is >= λ (the classic softmax-confidence exit)."""
 
@@ -81,8 +119,9 @@ class MaxProb(Rule):
     def earliest_stop(self, lam: float | None = None) -> float:
         return math.inf if self.threshold(lam) > 1.0 else 0.0  # no probability exceeds 1
 
-    def top_prob_threshold(self, lam: float | None = None) -> float | None:
-        return self.threshold(lam)
+    def top_prob_band(self, n_classes: int, lam: float | None = None) -> tuple[float, float] | None:
+        t = self.threshold(lam)
+        return t, t
 
 
 class Margin(Rule):
@@ -123,8 +162,11 @@ class Entropy(Rule):
     def stage_statistic(self, probs: FloatArray) -> FloatArray:
         return _entropy(probs, self.normalized)
 
-    def stage_statistic_bounds(self, top: float, n_classes: int) -> tuple[float, float] | None:
-        return _entropy_bounds(top, n_classes, self.normalized)
+    def top_prob_band(self, n_classes: int, lam: float | None = None) -> tuple[float, float] | None:
+        if not isinstance(n_classes, int) or n_classes < 2:
+            return None
+        a, b = _entropy_top_band(-self.threshold(lam), n_classes, self.normalized)
+        return None if a == b else (a, b)  # a == b would claim any floats (all stop, or none)
 
     def earliest_stop(self, lam: float | None = None) -> float:
         return math.inf if -self.threshold(lam) < 0.0 else 0.0  # no entropy is negative
