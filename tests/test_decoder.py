@@ -220,7 +220,7 @@ def test_speculative_context_drafts_with_eos_and_sampling_seeded():
 
 
 def test_context_draft_verification_samples_the_target_exactly():
-    from stopwise.decoder.engine import _verify_fixed
+    from stopwise.decoder.verify import verify_fixed
 
     n = 60_000
     logits = torch.randn(1, 3, 6, generator=torch.Generator().manual_seed(3), dtype=torch.float64).expand(n, -1, -1)
@@ -228,7 +228,7 @@ def test_context_draft_verification_samples_the_target_exactly():
     top = int(p[0].argmax())
     drafts = torch.tensor([[top, 4]]).expand(n, -1)
     lengths = [2, 0] * (n // 2)  # half the rows drafted two tokens, half none (their token is a plain draw)
-    new, n_acc = _verify_fixed(logits, drafts, lengths, 1.0, torch.Generator().manual_seed(0))
+    new, n_acc = verify_fixed(logits, drafts, lengths, 1.0, torch.Generator().manual_seed(0))
     assert all(len(t) == a + 1 and a <= k for t, a, k in zip(new, n_acc, lengths, strict=True))
     for rows in (range(0, n, 2), range(1, n, 2)):
         first = torch.bincount(torch.tensor([new[r][0] for r in rows]), minlength=6).double() / len(rows)

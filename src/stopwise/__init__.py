@@ -1,39 +1,61 @@
 """stopwise: stop neural computation as soon as the answer is known, with a certificate.
 
-The core (this package's top level) is pure numpy/scipy: traces, stopping rules, calibration and
-certificates. Adapters that need torch live in subpackages and are imported on demand.
+The core (:mod:`stopwise.core`, re-exported here) is pure numpy/scipy: traces, stopping rules,
+calibration and certificates. Adapters that need torch live in subpackages and are imported on demand.
 """
 
 from __future__ import annotations
 
-from stopwise._errors import CalibrationError, StopwiseError, TraceFormatError
-from stopwise._version import __version__
-from stopwise.calibrate import calibrate, evaluate, table
-from stopwise.certificate import Certificate
-from stopwise.controller import RiskController
-from stopwise.risks import AccuracyDrop, Gap, LossMatrix, Risk, Selective, make_risk
-from stopwise.rules import (
+import importlib as _importlib
+
+# The core's old module paths are loaded before the names below are bound, as when the core lived
+# at this level: a later `import stopwise.calibrate` must not rebind `stopwise.calibrate`, the
+# function, to the module (the import system sets a package attribute on a submodule's first load).
+for _old in ("_errors", "trace", "rules", "risks", "pvalues", "fwer", "curves", "calibrate", "certificate",
+             "conditional", "controller", "validity", "report", "synthetic"):
+    _importlib.import_module(f"stopwise.{_old}")
+del _importlib, _old
+
+from stopwise._version import __version__  # noqa: E402
+from stopwise.core import (  # noqa: E402
+    NO_ANSWER,
+    AccuracyDrop,
     AllOf,
     AnyOf,
     BetaPosterior,
     Betting,
     Budget,
+    CalibrationError,
+    Certificate,
     Entropy,
+    Gap,
+    LossMatrix,
     Margin,
     MaxProb,
     MinStage,
     Never,
     Patience,
+    Risk,
+    RiskController,
     Rule,
     Saturation,
+    Selective,
     Signal,
+    StageBatch,
     StageThresholds,
     Stopper,
+    StopwiseError,
+    Trace,
+    TraceFormatError,
     WindowAgreement,
+    calibrate,
+    evaluate,
+    hash_answers,
+    make_risk,
     make_rule,
     register_rule,
+    table,
 )
-from stopwise.trace import NO_ANSWER, StageBatch, Trace, hash_answers
 
 __all__ = [
     "NO_ANSWER", "AccuracyDrop", "AllOf", "AnyOf", "BetaPosterior", "Betting", "Budget",

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import sys
 from collections.abc import Sequence
 from typing import Any
 
-from stopwise._errors import StopwiseError
 from stopwise._version import __version__
+from stopwise.core.errors import StopwiseError
+from stopwise.core.plugins import import_if_present
 
 #: Adapter modules that may add subcommands through ``register_cli(subparsers)``.
-ADAPTER_CLIS = ("stopwise.encoder.cli", "stopwise.decoder.cli", "stopwise.sampling.cli")
+ADAPTER_CLIS = ("stopwise.encoder.cli", "stopwise.decoder.cli", "stopwise.sampling.cli", "stopwise.training.cli",
+                "stopwise.stream.cli", "stopwise.serve.cli")
 
 
 def _value(text: str) -> Any:
@@ -39,7 +40,7 @@ def emit(payload: dict[str, Any], *, as_json: bool, text: str) -> None:
 
 
 def cmd_rules(args: argparse.Namespace) -> int:
-    from stopwise.rules import describe_rules
+    from stopwise.core.rules import describe_rules
 
     rows = describe_rules()
     lines = [f"{r['name']:<17} {r['fires_when']:<17} default λ={r['default_lam']!s:<6} {r['summary']}" for r in rows]
@@ -48,15 +49,15 @@ def cmd_rules(args: argparse.Namespace) -> int:
 
 
 def _risk(args: argparse.Namespace) -> Any:
-    from stopwise.risks import make_risk
+    from stopwise.core.risks import make_risk
 
     return make_risk(args.risk, **parse_params(args.risk_param))
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from stopwise.calibrate import calibrate
-    from stopwise.rules import make_rule
-    from stopwise.trace import Trace
+    from stopwise.core.calibrate import calibrate
+    from stopwise.core.rules import make_rule
+    from stopwise.core.trace import Trace
 
     trace = Trace.load(args.trace)
     rule = make_rule(args.rule, **parse_params(args.param))
@@ -71,9 +72,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from stopwise.report import pareto, plot_pareto
-    from stopwise.rules import make_rule
-    from stopwise.trace import Trace
+    from stopwise.core.report import pareto, plot_pareto
+    from stopwise.core.rules import make_rule
+    from stopwise.core.trace import Trace
 
     trace = Trace.load(args.trace)
     names = [n for n in args.rules.split(",") if n]
@@ -103,8 +104,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from stopwise.certificate import Certificate
-    from stopwise.trace import Trace
+    from stopwise.core.certificate import Certificate
+    from stopwise.core.trace import Trace
 
     cert = Certificate.load(args.certificate)
     result = cert.check(Trace.load(args.trace))
@@ -116,9 +117,9 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from stopwise.rules import make_rule
-    from stopwise.trace import Trace
-    from stopwise.validity import bootstrap_repeats, split_repeats
+    from stopwise.core.rules import make_rule
+    from stopwise.core.trace import Trace
+    from stopwise.core.validity import bootstrap_repeats, split_repeats
 
     trace = Trace.load(args.trace)
     n_cal = args.n_cal or trace.n // 2
@@ -139,7 +140,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from stopwise.trace import Trace
+    from stopwise.core.trace import Trace
 
     trace = Trace.load(args.trace)
     info = {"n": trace.n, "n_stages": trace.n_stages, "has_probs": trace.probs is not None,
@@ -216,13 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_info)
 
     for module in ADAPTER_CLIS:
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if exc.name and module.startswith(exc.name):
-                continue  # that adapter is not part of this installation
-            raise
-        mod.register_cli(sub)
+        mod = import_if_present(module)  # None: that adapter is not part of this installation
+        if mod is not None:
+            mod.register_cli(sub)
     return parser
 
 

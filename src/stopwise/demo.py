@@ -28,7 +28,7 @@ def _say(text: str = "") -> None:
 
 
 def _plot(trace: Any, cert_rules: list[Any], certs: list[Any], path: Path) -> str:
-    from stopwise.report import pareto, plot_pareto
+    from stopwise.core.report import pareto, plot_pareto
 
     result = pareto(trace, cert_rules, risk="gap", certificates=certs)
     plot_pareto(result, path)

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from stopwise._errors import StopwiseError, check_choice
+from stopwise.core.errors import StopwiseError, check_choice
 from stopwise.decoder.backbone import Backbone
 from stopwise.decoder.engine import Engine
 from stopwise.decoder.heads import ExitHeads
@@ -155,8 +155,8 @@ class Decoder:
                 "mode='early_exit' needs a rule: pass rule=stopwise.MaxProb(lam=...) or calibrate the heads "
                 "(`stopwise decoder calibrate`) so that a certified rule is saved with them."
             )
+        from stopwise.core.rules import Never, rule_from_config
         from stopwise.decoder.calibrate import certified_lam
-        from stopwise.rules import Never, rule_from_config
 
         lam = certified_lam(cert, info["grid"])
         return Never() if lam is None else rule_from_config({**info["rule"], "lam": lam})

@@ -17,7 +17,7 @@ from typing import Any, cast
 
 import torch
 
-from stopwise._errors import StopwiseError
+from stopwise.core.errors import StopwiseError
 
 #: model_type values whose modules follow LLaMA's layout (model.model.layers, rotary_emb, norm).
 LLAMA_FAMILY = ("llama", "mistral", "qwen2")

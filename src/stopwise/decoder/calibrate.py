@@ -45,7 +45,7 @@ from typing import Any
 
 import numpy as np
 
-from stopwise._errors import StopwiseError
+from stopwise.core.errors import StopwiseError
 
 DEFAULT_GRIDS = {
     "max_prob": [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99],
@@ -74,7 +74,7 @@ def record(decoder: Any, prompts: Sequence[Any], *, rule: str = "max_prob", grid
     ``batched`` (default): one decode per prompt, a batch of one row per λ plus a never-exiting
     row for the full model (see the module docstring); False: one batch-1 decode per (prompt,
     stage), full model first."""
-    from stopwise.rules import make_rule
+    from stopwise.core.rules import make_rule
 
     grid = list(DEFAULT_GRIDS.get(rule, []) if grid is None else grid)
     if not grid or sorted(grid) != grid:
@@ -110,7 +110,7 @@ def record(decoder: Any, prompts: Sequence[Any], *, rule: str = "max_prob", grid
 
 
 def to_trace(recorded: dict[str, Any], *, meta: dict[str, Any] | None = None) -> Any:
-    from stopwise.trace import Trace, hash_answers
+    from stopwise.core.trace import Trace, hash_answers
 
     outputs = recorded["outputs"]
     n, k = recorded["loss"].shape
@@ -131,7 +131,7 @@ def calibrate_early_exit(decoder: Any, prompts: Sequence[Any], *, epsilon: float
     """Certify an early-exit threshold on calibration prompts and attach it to ``decoder.heads``
     (``batched``: see :func:`record`)."""
     import stopwise
-    from stopwise.rules import Signal, make_rule
+    from stopwise.core.rules import Signal, make_rule
 
     if decoder.heads is None:
         raise StopwiseError("calibrate_early_exit needs a decoder with exit heads.")

@@ -104,7 +104,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_calibrate(args: argparse.Namespace) -> int:
     import os
 
-    from stopwise._errors import StopwiseError
+    from stopwise.core.errors import StopwiseError
     from stopwise.decoder.calibrate import calibrate_early_exit
     from stopwise.decoder.data import prompts
 
@@ -120,7 +120,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from stopwise._errors import StopwiseError
+    from stopwise.core.errors import StopwiseError
 
     if args.lookup is not None and args.mode != "speculative":
         raise StopwiseError(f"--lookup applies to --mode speculative only. Got --mode {args.mode}.")

@@ -11,7 +11,7 @@ import hashlib
 import itertools
 from typing import Any
 
-from stopwise._errors import StopwiseError
+from stopwise.core.errors import StopwiseError
 
 SPLITS = {"train": range(0, 5), "calib": range(5, 8), "test": range(8, 10)}
 KINDS = ("chat", "code", "news")

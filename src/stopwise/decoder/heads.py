@@ -22,8 +22,8 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from stopwise._errors import StopwiseError
 from stopwise._version import __version__
+from stopwise.core.errors import StopwiseError
 from stopwise.decoder.backbone import Backbone
 
 FORMAT = "stopwise.decoder.heads"
@@ -186,7 +186,7 @@ class ExitHeads(nn.Module):
         heads.adapters.load_state_dict(state)
         heads.training_info = dict(config.get("training") or {})
         if (path / CERTIFICATE_NAME).is_file():
-            from stopwise.certificate import Certificate
+            from stopwise.core.certificate import Certificate
 
             heads.certificate = Certificate.load(path / CERTIFICATE_NAME)
         return heads

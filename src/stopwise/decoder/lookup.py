@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from stopwise._errors import StopwiseError
+from stopwise.core.errors import StopwiseError
 
 
 def check_lookup(max_ngram: object, length: object) -> tuple[int, int]:

@@ -21,7 +21,7 @@ from typing import Any, cast
 
 import torch
 
-from stopwise._errors import StopwiseError
+from stopwise.core.errors import StopwiseError
 from stopwise.decoder.backbone import Backbone, append_tokens
 from stopwise.decoder.heads import ExitHeads
 

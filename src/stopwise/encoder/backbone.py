@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from stopwise._errors import StopwiseError
+from stopwise.core.errors import StopwiseError
 
 #: Encoder families (bidirectional attention, called as layer(hidden, mask)).
 ENCODER_TYPES = ("bert", "roberta", "xlm-roberta", "camembert", "distilbert")

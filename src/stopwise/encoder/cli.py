@@ -27,7 +27,7 @@ def _load(args: argparse.Namespace) -> Any:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from stopwise._errors import StopwiseError
+    from stopwise.core.errors import StopwiseError
     from stopwise.encoder.data import read_texts
     from stopwise.encoder.model import EarlyExitClassifier
 
@@ -58,8 +58,8 @@ def cmd_record(args: argparse.Namespace) -> int:
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from stopwise.cli import parse_params
-    from stopwise.rules import make_rule
-    from stopwise.trace import Trace
+    from stopwise.core.rules import make_rule
+    from stopwise.core.trace import Trace
 
     clf = _load(args)
     trace = Trace.load(args.trace)
@@ -72,8 +72,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from stopwise.cli import parse_params
+    from stopwise.core.rules import make_rule
     from stopwise.encoder.data import read_texts
-    from stopwise.rules import make_rule
 
     clf = _load(args)
     texts, _ = read_texts(args.texts)

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from stopwise._errors import StopwiseError
+from stopwise.core.errors import StopwiseError
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from stopwise._errors import StopwiseError, check_choice
+from stopwise.core.errors import StopwiseError, check_choice
 
 HEAD_TYPES = ("linear", "mlp")
 OBJECTIVES = ("labels", "distill", "both")

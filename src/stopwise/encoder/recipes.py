@@ -8,9 +8,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from stopwise.core.trace import Trace
 from stopwise.encoder.data import TextSet, group_split
 from stopwise.encoder.model import EarlyExitClassifier
-from stopwise.trace import Trace
 
 #: Train / calibration / test fractions of the deduplicated articles.
 FRACTIONS = (0.25, 0.40, 0.35)

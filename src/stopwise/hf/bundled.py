@@ -14,7 +14,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from stopwise._errors import StopwiseError
+from stopwise.core.errors import StopwiseError
 
 MINILM = "minilm"
 SMOLLM2 = "smollm2"

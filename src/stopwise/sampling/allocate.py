@@ -31,11 +31,11 @@ from typing import Any
 
 import numpy as np
 
-from stopwise._errors import StopwiseError, check_choice, check_int, check_open_unit, param_error
+from stopwise.core.errors import StopwiseError, check_choice, check_int, check_open_unit, param_error
 from stopwise.sampling.data import Question
 from stopwise.sampling.extract import Extractor, make_extractor, safe_extract
-from stopwise.sampling.rules import beta_leader_probability
-from stopwise.sampling.sampler import QuestionResult, _Tally, check_questions, draw, summarise
+from stopwise.sampling.posteriors import beta_leader_probability
+from stopwise.sampling.sampler import QuestionResult, Tally, check_questions, draw, summarise
 from stopwise.sampling.types import Completion, prompt_seed
 
 #: Why a question stopped: pre-samples agreed, the Beta criterion held, it reached
@@ -102,7 +102,7 @@ def _unanimous(answers: Sequence[str | None]) -> bool:
 class _State:
     """One run's tallies, stop reasons by question, samples spent and rounds drawn."""
 
-    tallies: list[_Tally]
+    tallies: list[Tally]
     reasons: dict[int, str] = field(default_factory=dict)
     spent: int = 0
     rounds: int = 0
@@ -193,7 +193,7 @@ class DifficultyAllocator:
     # -- the rounds, shared by run and arun --------------------------------------------------------
     def _start(self, qs: Sequence[Question]) -> _State:
         check_budget(self.total_samples, pre=self.pre, n_questions=len(qs))
-        return _State(tallies=[_Tally(self.weighted) for _ in qs])
+        return _State(tallies=[Tally(self.weighted) for _ in qs])
 
     def _rounds(self, qs: Sequence[Question], state: _State) -> Iterator[list[tuple[list[int], int]]]:
         """Yield each round's draws as (questions, window size) groups; the caller draws them into
@@ -219,17 +219,17 @@ class DifficultyAllocator:
         return Allocation(results=results, reasons=reasons, total_samples=self.total_samples, spent=state.spent,
                           rounds=state.rounds, max_samples=self.max_samples)
 
-    def _seed(self, q: Question, tally: _Tally) -> int:
+    def _seed(self, q: Question, tally: Tally) -> int:
         # Keyed by the index of a window's first sample: independent of which questions share the call.
         return prompt_seed(self.seed, f"{q.id}:{len(tally.answers)}")
 
-    def _draw(self, qs: Sequence[Question], tallies: Sequence[_Tally], rows: Sequence[int], n: int) -> None:
+    def _draw(self, qs: Sequence[Question], tallies: Sequence[Tally], rows: Sequence[int], n: int) -> None:
         outs = draw(self.backend, [qs[i].prompt for i in rows], n=n, seeds=[self._seed(qs[i], tallies[i]) for i in rows],
                     temperature=self.temperature, max_tokens=self.max_tokens)
         for i, comps in zip(rows, outs, strict=True):
             self._tally(tallies[i], comps)
 
-    async def _adraw(self, q: Question, tally: _Tally, n: int, gate: asyncio.Semaphore, client: Any) -> list[Completion]:
+    async def _adraw(self, q: Question, tally: Tally, n: int, gate: asyncio.Semaphore, client: Any) -> list[Completion]:
         kwargs: dict[str, Any] = {"n": n, "temperature": self.temperature, "max_tokens": self.max_tokens,
                                   "seed": self._seed(q, tally)}
         if client is not None:
@@ -241,11 +241,11 @@ class DifficultyAllocator:
                                 f"it returned {len(comps)}.")
         return comps
 
-    def _tally(self, tally: _Tally, comps: Sequence[Completion]) -> None:
+    def _tally(self, tally: Tally, comps: Sequence[Completion]) -> None:
         for c in comps:
             tally.add(safe_extract(self.extractor, c.text), c)
 
-    def _close(self, tallies: Sequence[_Tally], reasons: dict[int, str]) -> None:
+    def _close(self, tallies: Sequence[Tally], reasons: dict[int, str]) -> None:
         """Mark the open questions whose Beta criterion holds, or that have ``max_samples``."""
         open_ = [i for i in range(len(tallies)) if i not in reasons]
         if not open_:
@@ -261,7 +261,7 @@ class DifficultyAllocator:
             elif len(tallies[i].answers) >= self.max_samples:
                 reasons[i] = "max_samples"
 
-    def _plan(self, open_: Sequence[int], tallies: Sequence[_Tally], left: int) -> dict[int, int]:
+    def _plan(self, open_: Sequence[int], tallies: Sequence[Tally], left: int) -> dict[int, int]:
         """Windows for this round, hardest question first, until the budget ``left`` is used."""
 
         def key(i: int) -> tuple[float, float, int]:
@@ -280,7 +280,7 @@ class DifficultyAllocator:
             left -= size
         return plan
 
-    def _result(self, q: Question, tally: _Tally, reason: str) -> QuestionResult:
+    def _result(self, q: Question, tally: Tally, reason: str) -> QuestionResult:
         used = len(tally.answers)
         early = reason in ("unanimous", "criterion") and used < self.max_samples
         return tally.result(q.id, used, used, early)

@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from stopwise._errors import StopwiseError, check_choice, check_int
+from stopwise.core.errors import StopwiseError, check_choice, check_int
 from stopwise.sampling.types import Completion
 
 RETRY_STATUS = (408, 409, 425, 429, 500, 502, 503, 504)

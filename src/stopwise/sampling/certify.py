@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from stopwise._errors import StopwiseError
-from stopwise.calibrate import calibrate
-from stopwise.certificate import Certificate
-from stopwise.rules import Rule
+from stopwise.core.calibrate import calibrate
+from stopwise.core.certificate import Certificate
+from stopwise.core.errors import StopwiseError
+from stopwise.core.rules import Rule
+from stopwise.core.trace import Trace
 from stopwise.sampling.rules import VoteSettled, register, sampling_rule
-from stopwise.trace import Trace
 
 
 def default_family(trace: Trace) -> Rule:

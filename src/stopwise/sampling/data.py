@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from stopwise._errors import StopwiseError
+from stopwise.core.errors import StopwiseError
 
 #: Easy modules of `mathematics-dataset` with exact short answers (arithmetic, linear equations).
 MATH_MODULES = (

@@ -22,11 +22,11 @@ from typing import Any
 
 import numpy as np
 
-from stopwise._errors import StopwiseError, check_choice
+from stopwise.core.errors import StopwiseError, check_choice
+from stopwise.core.trace import Trace, hash_answers
 from stopwise.sampling.data import Question
 from stopwise.sampling.extract import Extractor, NumberExtractor, make_extractor, safe_extract
 from stopwise.sampling.types import SCORES, token_score
-from stopwise.trace import Trace, hash_answers
 
 CHATML = "<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
 DEFAULT_TRANSITIONS = ("\n\n", "Wait")

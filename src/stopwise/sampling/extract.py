@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from fractions import Fraction
 from typing import Protocol
 
-from stopwise._errors import StopwiseError, check_choice
+from stopwise.core.errors import StopwiseError, check_choice
 
 #: Phrases that introduce a final answer, most specific first (searched case-insensitively).
 DEFAULT_MARKERS = ("final answer:", "final answer is", "answer:", "answer is", "####", "=")

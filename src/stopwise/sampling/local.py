@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from stopwise._errors import StopwiseError
+from stopwise.core.errors import StopwiseError
 from stopwise.sampling.types import Completion, GenerationCancelled, prompt_seed
 
 

@@ -25,12 +25,12 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from stopwise._errors import StopwiseError
+from stopwise.core.errors import StopwiseError
+from stopwise.core.trace import NO_ANSWER, Trace, hash_answers
 from stopwise.sampling.data import Question
 from stopwise.sampling.extract import Extractor, make_extractor, safe_extract
 from stopwise.sampling.types import Completion, prompt_seed
 from stopwise.sampling.vote import dense_codes, running_votes
-from stopwise.trace import NO_ANSWER, Trace, hash_answers
 
 HEADER_KEYS = ("model", "n", "temperature", "max_tokens", "seed")
 

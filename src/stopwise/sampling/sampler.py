@@ -21,15 +21,15 @@ from typing import Any
 
 import numpy as np
 
-from stopwise._errors import StopwiseError, check_choice, check_int
-from stopwise.certificate import Certificate
-from stopwise.rules import Rule
+from stopwise.core.certificate import Certificate
+from stopwise.core.errors import StopwiseError, check_choice, check_int
+from stopwise.core.rules import Rule
+from stopwise.core.trace import StageBatch, hash_answers
 from stopwise.sampling.data import Question
 from stopwise.sampling.extract import Extractor, make_extractor, safe_extract
 from stopwise.sampling.rules import register, sampling_rule
 from stopwise.sampling.types import Completion, prompt_seed
 from stopwise.sampling.vote import dense_codes, running_votes
-from stopwise.trace import StageBatch, hash_answers
 
 
 @dataclass
@@ -51,7 +51,7 @@ class QuestionResult:
         return self.answer is None
 
 
-class _Tally:
+class Tally:
     """One question's samples so far, and the StageBatch row they make."""
 
     def __init__(self, weighted: bool) -> None:
@@ -102,7 +102,7 @@ def draw(backend: Any, prompts: Sequence[str], *, n: int, seeds: Sequence[int], 
     return outs
 
 
-def _batch(index: int, tallies: Sequence[_Tally]) -> StageBatch:
+def _batch(index: int, tallies: Sequence[Tally]) -> StageBatch:
     rows = [t.current(index) for t in tallies]
     return StageBatch(
         index=index,
@@ -162,14 +162,14 @@ class AdaptiveSampler:
     def _check_questions(questions: Sequence[Question | str]) -> list[Question]:
         return check_questions(questions, "AdaptiveSampler.run")
 
-    def _result(self, q: Question, tally: _Tally, used: int, generated: int, early: bool, cancelled: int = 0) -> QuestionResult:
+    def _result(self, q: Question, tally: Tally, used: int, generated: int, early: bool, cancelled: int = 0) -> QuestionResult:
         return tally.result(q.id, used, generated, early, cancelled)
 
     # -- synchronous: one batched backend call per step ---------------------------------------------
     def run(self, questions: Sequence[Question | str]) -> list[QuestionResult]:
         qs = self._check_questions(questions)
         stopper = self.rule.stopper(len(qs), self.lam)
-        tallies = [_Tally(self.weighted) for _ in qs]
+        tallies = [Tally(self.weighted) for _ in qs]
         results: dict[int, QuestionResult] = {}
         stage = 0
         round_ = 0
@@ -213,7 +213,7 @@ class AdaptiveSampler:
 
     async def _one(self, q: Question, gate: asyncio.Semaphore, client: Any) -> QuestionResult:
         stopper = self.rule.stopper(1, self.lam)
-        tally = _Tally(self.weighted)
+        tally = Tally(self.weighted)
         launched = 0
         pending: set[asyncio.Task[list[Completion]]] = set()
 

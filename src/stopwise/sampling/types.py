@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from stopwise._errors import StopwiseError
+from stopwise.core.errors import StopwiseError
 
 
 class GenerationCancelled(StopwiseError):

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from stopwise.trace import NO_ANSWER, FloatArray, IntArray
+from stopwise.core.trace import NO_ANSWER, FloatArray, IntArray
 
 
 def dense_codes(answers: Sequence[str | None]) -> tuple[IntArray, list[str]]:

@@ -1,0 +1,229 @@
+"""Online early exit: the layer loop of :meth:`~stopwise.encoder.EarlyExitClassifier.predict`.
+
+Batches advance layer by layer together under one stopper; rows that stop leave their batch, and
+survivors are re-packed into fewer full batches; a lone row decides without a Stopper
+(:mod:`stopwise.encoder.decider`).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from stopwise.core.certificate import Certificate
+from stopwise.core.errors import StopwiseError, check_choice, check_int
+from stopwise.core.rules import Rule, make_rule
+from stopwise.core.trace import StageBatch
+from stopwise.encoder.backbone import BatchState
+from stopwise.encoder.batches import LONE_ROW, Encoded, Prediction, to_numpy, unpadded_batch
+from stopwise.encoder.decider import lone_row_decider, snapshot
+from stopwise.encoder.exits import ExitsOnBackbone
+
+#: Batches that advance layer by layer together in predict by default (in_flight = this × batch_size).
+IN_FLIGHT_BATCHES = 4
+COSTS = ("layers", "flops")
+
+
+class EarlyExitPredictor(ExitsOnBackbone):
+    """The ``predict`` loop over exit heads on a frozen transformer; see the module docstring."""
+
+    def _stopper_rule(self, rule: Any, certificate: Certificate | None, heads_key: tuple[int, ...]) -> Rule | None:
+        if certificate is not None:
+            if rule is not None:
+                raise StopwiseError("Pass either 'rule' or 'certificate' to predict, not both.")
+            # Checked and turned into a rule once while neither the certificate's fields nor the
+            # heads change: after a call's layers have filled the caches, rebuilding the rule from
+            # its config cost more than the two exit heads of a row that exits at MiniLM's second layer.
+            snap = snapshot(certificate)
+            kept = self._cert_rule
+            if (kept is not None and kept[0] is certificate and kept[2] is self.heads and kept[3] == heads_key
+                    and kept[1] == snap):
+                return kept[4]
+            self._check_certificate(certificate, self._heads_digest(heads_key))
+            made = certificate.make_rule()
+            self._cert_rule = (certificate, copy.deepcopy(snap), self.heads, heads_key, made)
+            return made
+        if rule is None:
+            return None
+        if isinstance(rule, str):
+            rule = make_rule(rule)
+            rule = rule.with_lam(rule.default_lam)
+        if not isinstance(rule, Rule):
+            raise StopwiseError(f"The 'rule' parameter of predict must be a stopwise Rule, a rule name, or None. Got {rule!r} instead.")
+        return rule
+
+    @torch.inference_mode()
+    def predict(self, texts: Any, *, rule: Any = None, certificate: Certificate | None = None, batch_size: int = 32,
+                in_flight: int | None = None, cost: str = "layers", sort: bool = True, progress: bool = False,
+                trace_calls: list[int] | None = None) -> Prediction:
+        """Classify with early exit: after each layer the rule's online stopper decides for the rows
+        still running; rows that stop leave the batch. ``rule=None`` runs the full model.
+
+        ``batch_size`` rows go through a layer per call. Up to ``in_flight`` rows (default
+        4 × ``batch_size``) advance layer by layer together, and when exits leave their batches
+        part-empty, the survivors are re-packed into fewer full batches: a layer on a few rows
+        costs far more per row than on a full batch, so without re-packing the last rows of each
+        batch would eat much of what early exit saves. The hidden states of all ``in_flight`` rows
+        are held at once (rows × tokens × hidden size floats). ``trace_calls``, if given, receives the
+        number of rows each layer call ran on.
+        """
+        self._require_fitted()
+        cost = check_choice(cost, "cost", "EarlyExitClassifier.predict", COSTS)
+        batch_size = check_int(batch_size, "batch_size", "predict", minimum=1)
+        in_flight = IN_FLIGHT_BATCHES * batch_size if in_flight is None else check_int(in_flight, "in_flight", "predict", minimum=batch_size)
+        # One look at the head tensors per call, shared by the certificate check and the folded heads.
+        heads_key = self.heads.state_key()
+        stop_rule = self._stopper_rule(rule, certificate, heads_key)
+        if stop_rule is not None and stop_rule.earliest_stop() >= self.n_layers - 1:
+            # It cannot stop a row before the last layer (an uncertified certificate, patience
+            # calibrated to its largest λ): that is the full model, so no head is read on the way.
+            stop_rule = None
+        enc = self.tokenize(texts)
+        n, c = len(enc), len(self.class_names)
+        out = (np.empty(n, dtype=np.int64), np.empty((n, c), dtype=np.float64), np.empty(n, dtype=np.int64))
+        head = self._head_fn(heads_key)
+        t0 = time.perf_counter()
+        if n == 1 and not progress:
+            # One request per call, as a server sees them: one batch of one row, nothing to sort,
+            # group or show. At batch 1 every call predict makes before the first layer runs on
+            # cold caches; this path makes as few as it can.
+            self._predict_group([unpadded_batch(LONE_ROW, enc.ids)], stop_rule, head, out, batch_size, trace_calls)
+        else:
+            self._predict_batches(enc, stop_rule, head, out, batch_size, in_flight, sort, progress, trace_calls)
+        seconds = time.perf_counter() - t0
+        preds, probs, exit_layer = out
+        per_row = (exit_layer.astype(np.float64) if cost == "layers"
+                   else self._layer_flops(np.array([len(x) for x in enc.ids])) * exit_layer)
+        return Prediction(predictions=preds, probs=probs, exit_layer=exit_layer, cost=per_row,
+                          class_names=self.class_names, seconds=seconds)
+
+    def _predict_batches(self, enc: Encoded, rule: Rule | None, head: Callable[[int, BatchState], torch.Tensor],
+                         out: tuple[np.ndarray, np.ndarray, np.ndarray], batch_size: int, in_flight: int, sort: bool,
+                         progress: bool, calls: list[int] | None) -> None:
+        batches = list(self._batches(enc, batch_size, sort))
+        per_group = in_flight // batch_size
+        # No bar object at all unless asked for: even a disabled one costs a head's worth at batch 1.
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(enc), desc="predict")
+        for g in range(0, len(batches), per_group):
+            group = batches[g : g + per_group]
+            self._predict_group(group, rule, head, out, batch_size, calls)
+            if bar is not None:
+                bar.update(sum(len(rows) for rows, *_ in group))
+        if bar is not None:
+            bar.close()
+
+    def _head_fn(self, heads_key: tuple[int, ...]) -> Callable[[int, BatchState], torch.Tensor]:
+        """Probabilities of head k on the batch (the head's dtype), for one predict call. Linear
+        heads multiply by their folded weights directly (the same tensors and op as
+        :meth:`ExitHeads.logits`, so online and recorded probabilities agree bit for bit). The
+        function is kept while the head tensors are unchanged."""
+        kept = self._head
+        if kept is not None and kept[0] is self.heads and kept[1] == heads_key:
+            return kept[2]
+        folded = self.heads.folded(heads_key)
+        dtype = self.heads.dtype
+
+        def head(k: int, state: BatchState) -> torch.Tensor:
+            pooled = self._pooled(k, state)
+            if folded is None:
+                logits = self.heads.logits(k, pooled)
+            else:
+                logits = F.linear(pooled if pooled.dtype == dtype else pooled.to(dtype), *folded[k])
+            return F.softmax(logits, dim=-1)
+
+        self._head = (self.heads, heads_key, head)
+        return head
+
+    def _predict_group(self, group: list[tuple[np.ndarray, torch.Tensor, torch.Tensor, bool]], rule: Rule | None,
+                       head: Callable[[int, BatchState], torch.Tensor], out: tuple[np.ndarray, np.ndarray, np.ndarray],
+                       batch_size: int, calls: list[int] | None) -> None:
+        """Batches advancing layer by layer together; one stopper over all their rows, which sees
+        them in the order of ``lives`` concatenated (kept through every select and re-pack)."""
+        if rule is not None and len(group) == 1 and len(group[0][0]) == 1:
+            decide = self._lone_decider(rule)
+            if decide is not None:
+                self._predict_row(group[0], decide, head, out, calls)
+                return
+        preds, probs, exit_layer = out
+        states = [self.backbone.start(ids, mask, unpadded=unpadded) for _, ids, mask, unpadded in group]
+        lives = [np.asarray(rows) for rows, *_ in group]
+        last = self.n_layers - 1
+        stopper = None if rule is None else rule.stopper(sum(len(live) for live in lives))
+        for k in range(self.n_layers):
+            for state, live in zip(states, lives, strict=True):
+                self.backbone.layer(k, state)
+                if calls is not None:
+                    calls.append(len(live))
+            if stopper is None and k < last:
+                continue  # full model: only the final head is read
+            # One batch (always so at batch 1): no concatenation, each is a copy and an op.
+            p = to_numpy(head(k, states[0])) if len(states) == 1 else np.concatenate([to_numpy(head(k, st)) for st in states])
+            live_all = lives[0] if len(lives) == 1 else np.concatenate(lives)
+            stop = np.ones(len(live_all), bool) if stopper is None else stopper.step(
+                StageBatch(index=k, predictions=p.argmax(axis=1), probs=p), last=k == last)
+            if stop.all():
+                preds[live_all], probs[live_all], exit_layer[live_all] = p.argmax(axis=1), p, k + 1
+                return
+            if stop.any():
+                gone = live_all[stop]
+                preds[gone], probs[gone], exit_layer[gone] = p[stop].argmax(axis=1), p[stop], k + 1
+                states, lives = self._shrink(states, lives, ~stop, batch_size)
+
+    def _lone_decider(self, rule: Rule) -> Callable[[torch.Tensor], np.ndarray | None] | None:
+        """:func:`lone_row_decider`, kept for the certificate's rule: that rule is made by
+        _stopper_rule and never handed out, so it stays as it was. Making a decider asks the rule
+        for its band and probes its statistic, which at batch 1 on cold caches cost about as much
+        as deciding a row's layers."""
+        kept = self._lone
+        if kept is not None and kept[0] is rule:
+            return kept[1]
+        decide = lone_row_decider(rule, len(self.class_names))
+        if self._cert_rule is not None and rule is self._cert_rule[4]:
+            self._lone = (rule, decide)
+        return decide
+
+    def _predict_row(self, batch: tuple[np.ndarray, torch.Tensor, torch.Tensor, bool],
+                     decide: Callable[[torch.Tensor], np.ndarray | None],
+                     head: Callable[[int, BatchState], torch.Tensor], out: tuple[np.ndarray, np.ndarray, np.ndarray],
+                     calls: list[int] | None) -> None:
+        """One row alone under a rule that decides on each stage's probabilities alone. At batch
+        1 a StageBatch and a Stopper step after every layer cost more than the head, so
+        ``decide`` (see :func:`lone_row_decider`) takes the head's tensor and returns the
+        float64 probabilities when the row stops there, None when it runs on."""
+        preds, probs, exit_layer = out
+        rows, ids, mask, unpadded = batch
+        state = self.backbone.start(ids, mask, unpadded=unpadded)
+        last = self.n_layers - 1
+        for k in range(self.n_layers):
+            self.backbone.layer(k, state)
+            if calls is not None:
+                calls.append(1)
+            p = head(k, state)
+            p64 = to_numpy(p) if k == last else decide(p)
+            if p64 is not None:
+                preds[rows], probs[rows], exit_layer[rows] = p64.argmax(axis=1), p64, k + 1
+                return
+
+    def _shrink(self, states: list[BatchState], lives: list[np.ndarray], keep: np.ndarray,
+                batch_size: int) -> tuple[list[BatchState], list[np.ndarray]]:
+        """Drop the rows that stopped; re-pack the rest when they fit in fewer batches."""
+        bounds = np.cumsum([0] + [len(live) for live in lives])
+        keeps = [keep[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+        n_keep = int(keep.sum())
+        if -(-n_keep // batch_size) < sum(1 for m in keeps if m.any()):
+            survivors = np.concatenate(lives)[keep]
+            packed = self.backbone.repack(states, [torch.as_tensor(m) for m in keeps], batch_size)
+            return packed, [survivors[i : i + batch_size] for i in range(0, n_keep, batch_size)]
+        pairs = [(state if m.all() else self.backbone.select(state, torch.as_tensor(m)), live[m])
+                 for state, live, m in zip(states, lives, keeps, strict=True) if m.any()]
+        return [s for s, _ in pairs], [live for _, live in pairs]
