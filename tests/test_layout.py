@@ -177,11 +177,15 @@ def test_adapters_do_not_import_each_other() -> None:
         if mine is None or mod.shim_of:
             continue
         for line, target, _ in mod.imports:
-            theirs = _adapter(_resolve(target)) or _adapter(target)
-            if theirs is not None and theirs != mine:
+            resolved = _resolve(target)
+            theirs = _adapter(resolved) or _adapter(target)
+            # Another adapter's package root is its public API (the server serves the encoder's
+            # EarlyExitClassifier); its modules are internals.
+            public = resolved == f"stopwise.{theirs}" or target == f"stopwise.{theirs}"
+            if theirs is not None and theirs != mine and not public:
                 bad.append(_where(mod, line, target))
-    assert not bad, ("Adapters may use stopwise.core and stopwise.hf, never another adapter (move what they "
-                     "share there):\n" + "\n".join(bad))
+    assert not bad, ("Adapters may use stopwise.core, stopwise.hf, stopwise.http and other adapters' package roots, "
+                     "never another adapter's modules (move what they share there):\n" + "\n".join(bad))
 
 
 def test_no_private_names_are_imported_across_modules() -> None:

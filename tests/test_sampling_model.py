@@ -60,6 +60,31 @@ def test_disabled_stopping_gives_the_bare_models_samples(backend: Any) -> None:
         assert r.answers == [extract(c.text) for c in bare] and r.n_samples == 3
 
 
+def test_the_real_server_refuses_a_prompt_beyond_the_context_and_a_10_mb_body(backend: Any) -> None:
+    import socket
+
+    import httpx
+
+    from stopwise.sampling.server import ServerThread, create_app
+
+    app = create_app(backend, model_name="smollm2", max_tokens=16)
+    with ServerThread(app) as server:
+        words = " ".join(["word"] * 20_000)  # ~100 KB, ~20,000 tokens: beyond SmolLM2's 8192
+        r = httpx.post(f"{server.url}/chat/completions", timeout=60,
+                       json={"messages": [{"role": "user", "content": words}], "max_tokens": 1})
+        assert r.status_code == 400 and "context length is 8192" in r.json()["error"]["message"]
+        assert app.state.requests == 0 and app.state.refused == 1  # no generation started
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as s:  # a 10 MB body, declared
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b'Content-Length: %d\r\n\r\n{"max_tokens": 1, "prompt": "xxxx' % (10 << 20))
+            reply = b""
+            while part := s.recv(65536):
+                reply += part
+        assert reply.startswith(b"HTTP/1.1 413") and b"at most 1048576 bytes" in reply
+        r = httpx.post(f"{server.url}/completions", json={"prompt": "Say hi", "max_tokens": 2}, timeout=60)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 2  # still serving
+
+
 def test_sampler_over_the_real_server(backend: Any) -> None:
     from stopwise.sampling import DifficultyAllocator
     from stopwise.sampling.server import ServerThread, create_app

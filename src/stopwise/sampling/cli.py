@@ -1,4 +1,4 @@
-"""`stopwise sample record|calibrate|run` and `stopwise serve`. Importing this module never imports torch."""
+"""`stopwise sample record|calibrate|run` and `stopwise serve [chat]`. Importing this module never imports torch."""
 
 from __future__ import annotations
 
@@ -120,7 +120,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     check_host(args.host)
     serve(model=args.model, host=args.host, port=args.port, max_n=args.max_n, max_tokens=args.max_tokens,
-          threads=args.threads, system=args.system)
+          max_prompt_tokens=args.max_prompt_tokens, max_body_bytes=args.max_body_bytes,
+          shutdown_timeout_s=args.shutdown_timeout, threads=args.threads, system=args.system)
     return 0
 
 
@@ -165,15 +166,50 @@ def register_cli(subparsers: Any) -> None:
                    help="with --total-samples: samples per round for the hardest question (default 4)")
     p.set_defaults(func=cmd_run)
 
-    p = subparsers.add_parser("serve", help="serve a local model over an OpenAI-compatible API (loopback only)")
-    p.add_argument("--model", default="smollm2")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-n", type=int, default=16)
-    p.add_argument("--max-tokens", type=int, default=256)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--system", default=None)
-    p.set_defaults(func=cmd_serve)
+    parser, serve_sub = _serve_subcommands(subparsers)
+    _chat_options(parser)  # the flat form, `stopwise serve --model ...`, as before subcommands existed
+    parser.set_defaults(func=cmd_serve)
+    if "chat" not in serve_sub.choices:
+        _chat_options(serve_sub.add_parser("chat", help="the OpenAI-compatible chat server (as plain `stopwise serve`)",
+                                           description=SERVE_CHAT_DESCRIPTION)).set_defaults(func=cmd_serve)
+
+
+SERVE_HELP = "serve a model over HTTP on the loopback interface: chat (default) or encoder"
+SERVE_DESCRIPTION = ("Serve a local model over HTTP. `stopwise serve [options]` and `stopwise serve chat [options]` "
+                     "run the OpenAI-compatible chat server; `stopwise serve encoder --heads DIR` runs the "
+                     "early-exit classifier with dynamic batching. Give a subcommand's options after its name.")
+SERVE_CHAT_DESCRIPTION = ("OpenAI-compatible chat server for a local model (POST /v1/chat/completions, "
+                          "/v1/completions; GET /v1/models, /health) on the loopback interface. Requests over the "
+                          "body, prompt-token, n or max_tokens limits are refused with 400/413 before reaching the "
+                          "model; a client that disconnects stops its generation.")
+
+
+def _serve_subcommands(subparsers: Any) -> tuple[argparse.ArgumentParser, Any]:
+    """The ``serve`` parser and its subcommands; another adapter (stopwise.serve) adds to the same ones."""
+    parser: argparse.ArgumentParser | None = subparsers.choices.get("serve")
+    if parser is None:
+        parser = subparsers.add_parser("serve", help=SERVE_HELP, description=SERVE_DESCRIPTION)
+    action = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+    if action is None:
+        action = parser.add_subparsers(dest="serve_command", title="subcommands", required=False)
+    return parser, action
+
+
+def _chat_options(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("--model", default="smollm2", help="bundled model name or local model directory (default smollm2)")
+    p.add_argument("--host", default="127.0.0.1", help="loopback interface to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    p.add_argument("--max-n", type=int, default=16, help="largest 'n' (completions per request) accepted (default 16)")
+    p.add_argument("--max-tokens", type=int, default=256, help="largest 'max_tokens' accepted (default 256)")
+    p.add_argument("--max-prompt-tokens", type=int, default=None,
+                   help="longest prompt in tokens (default: the model's context length minus --max-tokens)")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20,
+                   help="largest request body in bytes, refused with 413 while streaming (default 1048576)")
+    p.add_argument("--shutdown-timeout", type=float, default=5.0,
+                   help="seconds SIGTERM waits for generations in flight before stopping them (default 5)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--system", default=None, help="system message prepended to every chat conversation")
+    return p
 
 
 def _check_no_torch() -> None:  # used by the tests

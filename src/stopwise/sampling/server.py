@@ -2,13 +2,17 @@
 
 Endpoints: ``GET /v1/models``, ``GET /health``, ``POST /v1/chat/completions`` and
 ``POST /v1/completions`` with ``n``, ``temperature``, ``max_tokens``, ``logprobs``, ``seed`` and
-``stop``. Requests above the limits (``max_n``, ``max_tokens``) are refused with HTTP 400 and an
-OpenAI-style error body. One generation runs at a time (the model is not thread-safe).
+``stop``. Requests above the limits (``max_n``, ``max_tokens``, prompt tokens: the model's context
+length less ``max_tokens``, or ``max_prompt_tokens``) are refused with HTTP 400, and bodies over
+``max_body_bytes`` with 413 while they stream in (never read whole), all with an OpenAI-style error
+body. One generation runs at a time (the model is not thread-safe).
 
 A generation runs in a worker thread while the handler watches its connection: when the client
 disconnects (an adaptive sampler cancels the requests it no longer needs), the generation stops
 before its next token and frees the model for the next request; a request still waiting for the
-model gives up its place. Responses are not streamed.
+model gives up its place. Responses are not streamed. On SIGTERM the server stops accepting
+connections, waits at most ``shutdown_timeout_s`` for the generations in flight, then stops them
+before their next token.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from stopwise._errors import StopwiseError
+from stopwise.http import limits
 from stopwise.sampling.types import GenerationCancelled
 
 try:  # FastAPI resolves the handlers' annotations at module level
@@ -69,20 +74,35 @@ def _accepts_cancel(generate_ids: Any) -> bool:
     return "cancel" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
-def create_app(backend: Any, *, model_name: str = "smollm2", max_n: int = 16, max_tokens: int = 256) -> Any:
+def context_length(backend: Any) -> int | None:
+    """The backend's context window in tokens (``context_length``, else its model config), or None."""
+    n = getattr(backend, "context_length", None)
+    if n is None:
+        n = getattr(getattr(getattr(backend, "model", None), "config", None), "max_position_embeddings", None)
+    return int(n) if isinstance(n, int) and n > 0 else None
+
+
+def create_app(backend: Any, *, model_name: str = "smollm2", max_n: int = 16, max_tokens: int = 256,
+               max_prompt_tokens: int | None = None, max_body_bytes: int = 1 << 20) -> Any:
     """A FastAPI app serving ``backend`` (a :class:`~stopwise.sampling.local.LocalBackend`).
 
-    ``app.state.requests`` counts the generations started and ``app.state.cancelled`` the requests
-    abandoned by their clients (stopped mid-generation or before they reached the model).
+    A prompt may have at most ``max_prompt_tokens`` tokens (None: no limit of its own) and, with
+    the request's ``max_tokens``, must fit the model's context length. ``app.state.requests`` counts
+    the generations started, ``app.state.cancelled`` the requests abandoned by their clients
+    (stopped mid-generation or before they reached the model) and ``app.state.refused`` the
+    requests refused for their size before reaching the model.
     """
     import anyio
     from fastapi import FastAPI
     from starlette.concurrency import run_in_threadpool
 
     app = FastAPI(title="stopwise serve")
+    limits.install(app, max_bytes=max_body_bytes)
     lock = threading.Lock()
     app.state.requests = 0
     app.state.cancelled = 0
+    app.state.refused = 0
+    context = context_length(backend)
     cancellable = _accepts_cancel(backend.generate_ids)
     if not cancellable:
         log.warning("The backend %s cannot stop a generation early: requests whose client disconnects run to the end.",
@@ -103,6 +123,26 @@ def create_app(backend: Any, *, model_name: str = "smollm2", max_n: int = 16, ma
         seed = body.get("seed")
         return {"n": n, "temperature": float(temp), "max_tokens": mt, "stop": stop,
                 "seed": int(seed) if isinstance(seed, int) else int(time.time_ns() % (2**31))}, None
+
+    async def read(request: Request) -> tuple[Any, Any]:
+        """The JSON body, or an error answer (a body over the byte limit raises: 413 from limits)."""
+        try:
+            return await limits.read_json(request), None
+        except limits.BadJSON as exc:
+            return None, _error(400, str(exc))
+
+    def check_prompt(ids: list[int], opts: dict[str, Any], param: str) -> Any:
+        """A 400 naming the limit when the prompt is too long for this server or the model's context."""
+        room = None if context is None else context - opts["max_tokens"]
+        caps = [c for c in (max_prompt_tokens, room) if c is not None]
+        if not caps or len(ids) <= min(caps):
+            return None
+        app.state.refused += 1
+        ctx = (f"the model's context length is {context} tokens, of which max_tokens = {opts['max_tokens']} "
+               "are kept for the answer" if context is not None else "the model's context length is unknown")
+        mine = f"; this server's max_prompt_tokens is {max_prompt_tokens}" if max_prompt_tokens is not None else ""
+        return _error(400, f"The prompt must be at most {min(caps)} tokens ({ctx}{mine}). Got {len(ids)} tokens "
+                           "instead; shorten it.", param)
 
     def run(ids: list[int], opts: dict[str, Any], cancel: threading.Event) -> list[Any]:
         """In a worker thread: wait for the model (giving up when cancelled), then generate."""
@@ -168,10 +208,9 @@ def create_app(backend: Any, *, model_name: str = "smollm2", max_n: int = 16, ma
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Any:
-        try:
-            body = await request.json()
-        except ValueError:
-            return _error(400, "The request body is not valid JSON.")
+        body, err = await read(request)
+        if err is not None:
+            return err
         opts, err = validate(body)
         if err is not None or opts is None:
             return err
@@ -179,7 +218,10 @@ def create_app(backend: Any, *, model_name: str = "smollm2", max_n: int = 16, ma
         if not isinstance(messages, list) or not messages or not all(
                 isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages):
             return _error(400, "'messages' must be a non-empty list of {role, content} objects.", "messages")
-        ids = backend.encode_messages(messages)
+        ids = await run_in_threadpool(backend.encode_messages, messages)  # a long prompt must not stall the loop
+        err = check_prompt(ids, opts, "messages")
+        if err is not None:
+            return err
         comps = await generate(request, ids, opts)
         if comps is None:  # nobody is listening any more
             return _error(499, "The client closed the request.")
@@ -195,17 +237,19 @@ def create_app(backend: Any, *, model_name: str = "smollm2", max_n: int = 16, ma
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:
-        try:
-            body = await request.json()
-        except ValueError:
-            return _error(400, "The request body is not valid JSON.")
+        body, err = await read(request)
+        if err is not None:
+            return err
         opts, err = validate(body)
         if err is not None or opts is None:
             return err
         prompt = body.get("prompt")
         if not isinstance(prompt, str) or not prompt:
             return _error(400, "'prompt' must be a non-empty string (one prompt per request).", "prompt")
-        ids = backend.encode(prompt)
+        ids = await run_in_threadpool(backend.encode, prompt)
+        err = check_prompt(ids, opts, "prompt")
+        if err is not None:
+            return err
         comps = await generate(request, ids, opts)
         if comps is None:
             return _error(499, "The client closed the request.")
@@ -259,8 +303,10 @@ class ServerThread:
 
 
 def serve(*, model: str = "smollm2", host: str = "127.0.0.1", port: int = 8000, max_n: int = 16, max_tokens: int = 256,
+          max_prompt_tokens: int | None = None, max_body_bytes: int = 1 << 20, shutdown_timeout_s: float = 5.0,
           threads: int | None = None, system: str | None = None) -> None:
-    """Blocking: load the model and serve it until interrupted."""
+    """Blocking: load the model and serve it until SIGINT/SIGTERM (then at most ``shutdown_timeout_s``
+    for the generations in flight, which are stopped before their next token after that)."""
     import uvicorn
 
     from stopwise.sampling.local import LocalBackend
@@ -275,5 +321,6 @@ def serve(*, model: str = "smollm2", host: str = "127.0.0.1", port: int = 8000, 
         log.setLevel(logging.INFO)
         log.propagate = False
     backend = LocalBackend(model, threads=threads, system=system)
-    app = create_app(backend, model_name=str(model), max_n=max_n, max_tokens=max_tokens)
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    app = create_app(backend, model_name=str(model), max_n=max_n, max_tokens=max_tokens,
+                     max_prompt_tokens=max_prompt_tokens, max_body_bytes=max_body_bytes)
+    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=max(1, round(shutdown_timeout_s)))
