@@ -1,0 +1,23 @@
+"""Early stopping for training runs with a promise: learning curves as traces.
+
+One training run is one input, each evaluation (epoch, step, training-set size) one stage, the
+validation metric the signal, cumulative compute the cost. Rules (:mod:`stopwise.training.rules`)
+are calibrated by :func:`certify` so that the regret of restore-best stopping (best metric of the
+full run minus best metric kept) is <= ε in expectation over new runs of the same population,
+with probability >= 1 - δ; :class:`RunMonitor` applies a certificate, or a plain rule, online.
+
+This package imports numpy only; the framework callbacks live in ``stopwise.training.hf``,
+``.lightning`` and ``.optuna`` and import their frameworks themselves.
+"""
+
+from stopwise.training.curves import REGRET, CurveRecorder, curves_to_trace, read_run, scores_of, values_of
+from stopwise.training.monitor import RunMonitor
+from stopwise.training.risks import certify, check_certificate, pruning_trace, regret_at, regret_risk
+from stopwise.training.rules import SCORE, CurveExtrapolation, EpochPatience, PercentileStopping, PlateauGain
+
+__all__ = [
+    "REGRET", "SCORE", "CurveExtrapolation", "CurveRecorder", "EpochPatience", "PercentileStopping", "PlateauGain",
+    "RunMonitor",
+    "certify", "check_certificate", "curves_to_trace", "pruning_trace", "read_run", "regret_at", "regret_risk",
+    "scores_of", "values_of",
+]
