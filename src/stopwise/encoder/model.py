@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+import stopwise.encoder.gate  # noqa: F401  (registers the "exit_gate" rule that saved certificates may name)
 from stopwise._version import __version__
 from stopwise.core.certificate import Certificate
 from stopwise.core.errors import StopwiseError, check_choice
@@ -75,8 +76,11 @@ class EarlyExitClassifier(EarlyExitPredictor):
     def fit(self, texts: Any = None, labels: Any = None, *, features: torch.Tensor | None = None,
             objective: str = "labels", optimizer: str = "adam", epochs: int = 100, lr: float = 1e-2,
             weight_decay: float = 1e-2, head_batch_size: int | None = None, batch_size: int = 32,
-            seed: int = 0, progress: bool = True) -> EarlyExitClassifier:
-        """Train all heads with the backbone frozen (pass ``features`` to reuse a cached pass)."""
+            seed: int = 0, progress: bool = True, temperature: float = 1.0) -> EarlyExitClassifier:
+        """Train all heads with the backbone frozen (pass ``features`` to reuse a cached pass).
+
+        ``temperature`` softens the final head's probabilities that ``objective="distill"`` or
+        ``"both"`` distil from (Hinton et al., 2015; FastBERT uses 1)."""
         if features is None:
             if texts is None:
                 raise StopwiseError("EarlyExitClassifier.fit needs texts or cached features.")
@@ -86,11 +90,11 @@ class EarlyExitClassifier(EarlyExitPredictor):
             raise StopwiseError("Self-distillation without labels needs a trained final head: fit with labels first, or load trained heads.")
         torch.manual_seed(seed)
         info = train_heads(self.heads, features, y, objective=objective, optimizer=optimizer, epochs=epochs, lr=lr,
-                           weight_decay=weight_decay, batch_size=head_batch_size, seed=seed)
+                           weight_decay=weight_decay, batch_size=head_batch_size, temperature=temperature, seed=seed)
         self.fitted = True
         self.certificate = None  # new heads: an old certificate no longer applies
         self.training_info = {"objective": objective, "optimizer": optimizer, "epochs": epochs, "lr": lr,
-                              "seed": seed, "n_train": int(features.shape[0]), **info}
+                              "seed": seed, **({"temperature": temperature} if temperature != 1.0 else {}), "n_train": int(features.shape[0]), **info}
         return self
 
     @torch.inference_mode()

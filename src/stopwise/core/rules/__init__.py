@@ -24,7 +24,7 @@ _NESTED = {"rule", "rules"}
 # Adapter modules that register rules of their own; pure numpy, imported only when a name is
 # unknown, so that a saved certificate naming e.g. "vote_settled" loads without the user
 # importing the adapter first.
-RULE_PLUGINS = ("stopwise.sampling.rules", "stopwise.training.rules", "stopwise.stream.rules")
+RULE_PLUGINS = ("stopwise.sampling.rules", "stopwise.training.rules", "stopwise.stream.rules", "stopwise.encoder.gate")
 
 
 def register_rule(cls: type[Rule], *, replace: bool = False) -> type[Rule]:
