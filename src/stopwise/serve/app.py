@@ -5,6 +5,8 @@ probabilities, exit layer, cost; plus the certificate id and λ that decided the
 ``GET /health`` and ``GET /metrics`` (Prometheus text). Every request is checked before it takes a
 place in the queue: body bytes (413, while streaming), number of texts (413), types (400), tokens
 per text (400 naming the limit and the model's maximum, unless the request asks for truncation).
+With a :class:`~stopwise.serve.recalibrate.Recalibrator`, a random share of the texts is answered by
+the full model and recorded through every layer, and the certificate is recalibrated online.
 """
 
 from __future__ import annotations
@@ -17,12 +19,16 @@ import hmac
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from stopwise._errors import StopwiseError, check_int
 from stopwise.http.limits import DEFAULT_MAX_BODY_BYTES, BadJSON, error_body, install, read_json
 from stopwise.serve.batcher import DeadlineExceeded, DynamicBatcher, ModelThread, Policy, QueueFull, ShuttingDown
 from stopwise.serve.metrics import Metrics
+from stopwise.serve.recalibrate import Recalibrator
 
 try:  # FastAPI resolves the handlers' annotations at module level
     from fastapi import Request
@@ -45,6 +51,24 @@ def make_policy(certificate: Any | None) -> Policy:
     return Policy(certificate, certificate_id(certificate), None if lam is None else float(lam))
 
 
+@dataclass
+class Rows:
+    """A batch's answers put together from the live rows and the shadowed (full-model) rows."""
+
+    predictions: np.ndarray
+    probs: np.ndarray
+    exit_layer: np.ndarray
+    cost: np.ndarray
+
+    @classmethod
+    def empty(cls, n: int, n_classes: int) -> Rows:
+        return cls(np.zeros(n, np.int64), np.zeros((n, n_classes)), np.zeros(n, np.int64), np.zeros(n))
+
+    def put(self, where: np.ndarray, part: Any) -> None:
+        for name in ("predictions", "probs", "exit_layer", "cost"):
+            getattr(self, name)[where] = np.asarray(getattr(part, name))
+
+
 def _json(status: int, message: str, param: str | None = None, headers: dict[str, str] | None = None) -> Any:
     from fastapi.responses import JSONResponse
 
@@ -53,14 +77,18 @@ def _json(status: int, message: str, param: str | None = None, headers: dict[str
 
 def create_app(classifier: Any, certificate: Any | None = None, *, max_batch_size: int = 32, max_wait_ms: float = 5.0,
                max_queue: int = 1024, max_texts: int = 256, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-               timeout_s: float = 30.0, shutdown_timeout_s: float = 10.0, token: str | None = None) -> Any:
+               timeout_s: float = 30.0, shutdown_timeout_s: float = 10.0, token: str | None = None,
+               recalibrator: Recalibrator | None = None) -> Any:
     """A FastAPI app classifying with ``classifier`` (an :class:`~stopwise.encoder.EarlyExitClassifier`).
 
     ``certificate`` decides the exits (None: the full model, bit-identical to ``predict`` without a
     rule). ``max_batch_size``/``max_wait_ms``/``max_queue`` configure the :class:`DynamicBatcher`
     (``max_queue`` counts texts); ``max_texts`` caps one request; ``timeout_s`` is how long a
     request may wait in the queue; ``shutdown_timeout_s`` bounds the drain at shutdown. With
-    ``token``, /v1 routes and /metrics need ``Authorization: Bearer <token>``.
+    ``token``, /v1 routes and /metrics need ``Authorization: Bearer <token>``. With
+    ``recalibrator``, shadowed texts run every layer (answered by the final one) and feed its window;
+    its recalibrations and fallbacks swap the policy from the next batch on (see
+    :mod:`stopwise.serve.recalibrate` for what the online guarantee covers).
     """
     from fastapi import FastAPI
     from fastapi.responses import PlainTextResponse
@@ -80,15 +108,37 @@ def create_app(classifier: Any, certificate: Any | None = None, *, max_batch_siz
     limit = int(classifier.max_length)
     classes = [str(c) for c in classifier.class_names]
     metrics = Metrics()
+    metrics.recalibrator = recalibrator
+    if recalibrator is not None:
+        recalibrator.start(certificate)
     # A copy for counting tokens in its own thread: a fast tokenizer called from two threads at
     # once with different truncation settings fails ("Already borrowed").
     counter_tokenizer = copy.deepcopy(classifier.tokenizer)
     counter = ModelThread()
 
-    def run_batch(texts: list[str], policy: Policy) -> Any:
+    def live(texts: list[str], policy: Policy) -> Any:
         if policy.certificate is None:
             return classifier.predict(texts, batch_size=max_batch_size)
         return classifier.predict(texts, certificate=policy.certificate, batch_size=max_batch_size)
+
+    def run_batch(texts: list[str], policy: Policy) -> Any:
+        if recalibrator is None:
+            return live(texts, policy)
+        shadow = recalibrator.choose(len(texts))
+        if not shadow.any():
+            return live(texts, policy)
+        rows = Rows.empty(len(texts), len(classes))
+        if not shadow.all():
+            rows.put(~shadow, live([t for t, s in zip(texts, shadow, strict=True) if not s], policy))
+        trace = classifier.record([t for t, s in zip(texts, shadow, strict=True) if s], batch_size=max_batch_size,
+                                  progress=False)
+        # The final layer answers a shadowed text: exactly the full model's answer.
+        rows.put(shadow, Rows(trace.predictions[:, -1], trace.probs[:, -1, :], np.full(trace.n, trace.n_stages),
+                              trace.full_cost))
+        decision = recalibrator.observe(trace, policy.certificate)
+        if decision is not None:  # in the model thread, between batches: the next batch reads the new policy
+            batcher.swap(make_policy(decision.certificate))
+        return rows
 
     def split(pred: Any, a: int, b: int) -> list[dict[str, Any]]:
         return [{"label": classes[int(pred.predictions[i])], "label_id": int(pred.predictions[i]),
@@ -130,7 +180,8 @@ def create_app(classifier: Any, certificate: Any | None = None, *, max_batch_siz
         return {"status": "draining" if batcher.closing else "ok", "model": model_name, "classes": classes,
                 "certificate_id": policy.certificate_id, "lambda": policy.lam, "queue_depth": metrics.queue_rows,
                 "running": metrics.running_rows, "batches": metrics.batches, "dropped": metrics.dropped,
-                "cancelled_running": metrics.cancelled_running}
+                "cancelled_running": metrics.cancelled_running,
+                "recalibration": None if recalibrator is None else recalibrator.status()}
 
     @app.get("/metrics")
     def prometheus(request: Request) -> Any:

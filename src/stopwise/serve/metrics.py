@@ -1,12 +1,14 @@
 """Prometheus text exposition (format 0.0.4) for the encoder server, without a client library.
 
-Updated from the event loop only (the batcher sets results there), so no locks are needed.
+Updated from the event loop only (the batcher sets results there), so no locks are needed; the
+recalibrator's counters are single assignments made by the model thread, read as they stand.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
@@ -60,6 +62,7 @@ class Metrics:
         self.lam: float | None = None
         self.batch_size = Histogram(BATCH_BUCKETS)
         self.latency = Histogram(LATENCY_BUCKETS)
+        self.recalibrator: Any | None = None  # a Recalibrator: its lines are appended to the exposition
 
     def answered(self, status: int, seconds: float | None = None) -> None:
         self.responses[status] = self.responses.get(status, 0) + 1
@@ -94,4 +97,6 @@ class Metrics:
                   *self.batch_size.lines(f"{p}_batch_size")]
         lines += [f"# HELP {p}_request_latency_seconds Time from arrival to answer of /v1/classify requests.",
                   f"# TYPE {p}_request_latency_seconds histogram", *self.latency.lines(f"{p}_request_latency_seconds")]
+        if self.recalibrator is not None:
+            lines += self.recalibrator.metric_lines()
         return "\n".join(lines) + "\n"
