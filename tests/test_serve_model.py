@@ -24,8 +24,6 @@ pytest.importorskip("transformers")
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 
-from stopwise.encoder import EarlyExitClassifier  # noqa: E402
-from stopwise.encoder.data import bbc_news  # noqa: E402
 from stopwise.serve.app import create_app  # noqa: E402
 from stopwise.serve.runner import ServerThread, free_port  # noqa: E402
 
@@ -33,23 +31,18 @@ MAX_LEN = 32
 
 
 @pytest.fixture(scope="module")
-def bbc() -> Any:
-    data = bbc_news()
-    rows = np.random.default_rng(0).permutation(len(data))
-    return data.take(rows[:80]), data.take(rows[80:140]), data.take(rows[140:164])
+def built(small_bbc_classifier: Any) -> Any:
+    return small_bbc_classifier(seed=0, sizes=(80, 60, 24), threads=2, max_length=MAX_LEN)
 
 
 @pytest.fixture(scope="module")
-def clf(bbc: Any) -> Any:
-    torch.set_num_threads(2)
-    train, cal, _ = bbc
-    model = EarlyExitClassifier.from_base("minilm", class_names=train.class_names, max_length=MAX_LEN)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model.fit(train.texts, train.labels, progress=False, epochs=60)
-        model.calibrate(model.record(cal.texts, cal.labels, progress=False), "max_prob", epsilon=0.15, delta=0.2)
-    assert model.certificate is not None and model.certificate.lam is not None
-    return model
+def bbc(built: Any) -> Any:
+    return built[1]
+
+
+@pytest.fixture(scope="module")
+def clf(built: Any) -> Any:
+    return built[0]
 
 
 def _post_concurrently(url: str, groups: list[list[str]]) -> list[Any]:

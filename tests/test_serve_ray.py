@@ -29,8 +29,6 @@ pytest.importorskip("ray.data")
 httpx = pytest.importorskip("httpx")
 
 from stopwise._errors import StopwiseError  # noqa: E402
-from stopwise.encoder import EarlyExitClassifier  # noqa: E402
-from stopwise.encoder.data import bbc_news  # noqa: E402
 from stopwise.serve.app import certificate_id  # noqa: E402
 from stopwise.serve.runner import free_port  # noqa: E402
 
@@ -38,23 +36,18 @@ MAX_LEN = 32
 
 
 @pytest.fixture(scope="module")
-def bbc() -> Any:
-    data = bbc_news()
-    rows = np.random.default_rng(1).permutation(len(data))
-    return data.take(rows[:120]), data.take(rows[120:200]), data.take(rows[200:296])
+def built(small_bbc_classifier: Any) -> Any:
+    return small_bbc_classifier(seed=1, sizes=(120, 80, 96), threads=1, max_length=MAX_LEN)
 
 
 @pytest.fixture(scope="module")
-def clf(bbc: Any) -> Any:
-    torch.set_num_threads(1)
-    train, cal, _ = bbc
-    model = EarlyExitClassifier.from_base("minilm", class_names=train.class_names, max_length=MAX_LEN)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model.fit(train.texts, train.labels, progress=False, epochs=60)
-        model.calibrate(model.record(cal.texts, cal.labels, progress=False), "max_prob", epsilon=0.15, delta=0.2)
-    assert model.certificate is not None and model.certificate.lam is not None
-    return model
+def bbc(built: Any) -> Any:
+    return built[1]
+
+
+@pytest.fixture(scope="module")
+def clf(built: Any) -> Any:
+    return built[0]
 
 
 @pytest.fixture(scope="module")
