@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import socket
 import threading
 import time
 import uuid
@@ -28,6 +27,8 @@ from typing import Any
 
 from stopwise._errors import StopwiseError
 from stopwise.http import limits
+from stopwise.http import runner as http_runner
+from stopwise.http.runner import free_port
 from stopwise.sampling.types import GenerationCancelled
 
 try:  # FastAPI resolves the handlers' annotations at module level
@@ -40,12 +41,6 @@ DISCONNECT_POLL_S = 0.1  # how often a waiting handler checks whether its client
 LOCK_POLL_S = 0.05  # how often a request waiting for the model checks whether it was cancelled
 
 log = logging.getLogger("stopwise.serve")
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 def _error(status: int, message: str, param: str | None = None) -> Any:
@@ -272,34 +267,15 @@ def check_host(host: str) -> str:
     return host
 
 
-class ServerThread:
+class ServerThread(http_runner.ServerThread):
     """Run an app with uvicorn in a background thread (tests, notebooks); ``url`` ends in /v1."""
 
     def __init__(self, app: Any, *, host: str = "127.0.0.1", port: int | None = None) -> None:
         import uvicorn
 
-        self.host = check_host(host)
-        self.port = port or free_port(host)
-        config = uvicorn.Config(app, host=self.host, port=self.port, log_level="warning", lifespan="off")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}/v1"
-
-    def __enter__(self) -> ServerThread:
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise StopwiseError(f"The server on {self.host}:{self.port} did not start.")
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
+        host = check_host(host)
+        super().__init__(uvicorn.Config(app, host=host, port=port or free_port(host), log_level="warning",
+                                        lifespan="off"), path="/v1")
 
 
 def serve(*, model: str = "smollm2", host: str = "127.0.0.1", port: int = 8000, max_n: int = 16, max_tokens: int = 256,

@@ -2,22 +2,14 @@
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from stopwise._errors import StopwiseError
+from stopwise.http import runner as http_runner
+from stopwise.http.runner import free_port
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port free on ``host`` right now (tests and notebooks)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 def check_host(host: str, *, token: str | None) -> str:
@@ -58,32 +50,11 @@ def run(app: Any, *, host: str, port: int, shutdown_timeout_s: float,
     Server(uvicorn_config(app, host=host, port=port, shutdown_timeout_s=shutdown_timeout_s)).run()
 
 
-class ServerThread:
+class ServerThread(http_runner.ServerThread):
     """Serve an app with uvicorn in a background thread (tests, notebooks), lifespan included."""
 
     def __init__(self, app: Any, *, host: str = "127.0.0.1", port: int | None = None,
                  shutdown_timeout_s: float = 5.0) -> None:
-        import uvicorn
-
-        self.host = check_host(host, token=None)
-        self.port = port or free_port(host)
-        self.server = uvicorn.Server(uvicorn_config(app, host=self.host, port=self.port,
-                                                    shutdown_timeout_s=shutdown_timeout_s, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
-    def __enter__(self) -> ServerThread:
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise StopwiseError(f"The server on {self.host}:{self.port} did not start.")
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=15)
+        host = check_host(host, token=None)
+        super().__init__(uvicorn_config(app, host=host, port=port or free_port(host),
+                                        shutdown_timeout_s=shutdown_timeout_s, log_level="warning"))
