@@ -195,17 +195,10 @@ def register_cli(subparsers: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m stopwise.serve.cli encoder --heads DIR ...`` (the same as ``stopwise serve encoder``)."""
-    parser = argparse.ArgumentParser(prog="stopwise")
-    register_cli(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["serve", *(argv if argv is not None else sys.argv[1:])])
-    if not hasattr(args, "func"):
-        parser.error("choose a subcommand: stopwise serve encoder --heads DIR")
-    try:
-        return int(args.func(args))
-    except StopwiseError as exc:
-        print(f"stopwise: error: {exc}", file=sys.stderr)
-        return 2
+    """``python -m stopwise.serve.cli encoder --heads DIR ...``: the same as ``stopwise serve encoder``."""
+    from stopwise.cli import main as stopwise_main
+
+    return stopwise_main(["serve", *(argv if argv is not None else sys.argv[1:])])
 
 
 if __name__ == "__main__":
