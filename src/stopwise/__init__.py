@@ -17,51 +17,9 @@ for _old in ("_errors", "trace", "rules", "risks", "pvalues", "fwer", "curves", 
 del _importlib, _old
 
 from stopwise._version import __version__  # noqa: E402
-from stopwise.core import (  # noqa: E402
-    NO_ANSWER,
-    AccuracyDrop,
-    AllOf,
-    AnyOf,
-    BetaPosterior,
-    Betting,
-    Budget,
-    CalibrationError,
-    Certificate,
-    Entropy,
-    Gap,
-    LossMatrix,
-    Margin,
-    MaxProb,
-    MinStage,
-    Never,
-    Patience,
-    Risk,
-    RiskController,
-    Rule,
-    Saturation,
-    Selective,
-    Signal,
-    StageBatch,
-    StageThresholds,
-    Stopper,
-    StopwiseError,
-    Trace,
-    TraceFormatError,
-    WindowAgreement,
-    calibrate,
-    evaluate,
-    hash_answers,
-    make_risk,
-    make_rule,
-    register_rule,
-    table,
-)
 
-__all__ = [
-    "NO_ANSWER", "AccuracyDrop", "AllOf", "AnyOf", "BetaPosterior", "Betting", "Budget",
-    "CalibrationError", "Certificate", "Entropy", "Gap", "LossMatrix", "Margin", "MaxProb",
-    "MinStage", "Never", "Patience", "Risk", "RiskController", "Rule", "Saturation", "Selective", "Signal",
-    "StageBatch", "StageThresholds", "Stopper", "StopwiseError", "Trace", "TraceFormatError",
-    "WindowAgreement", "__version__", "calibrate", "evaluate", "hash_answers", "make_risk",
-    "make_rule", "register_rule", "table",
-]
+# One list of public names, the core's: whatever it exports, stopwise exports.
+from stopwise.core import *  # noqa: E402, F403
+from stopwise.core import __all__ as _core_names  # noqa: E402
+
+__all__ = [*_core_names, "__version__"]
