@@ -161,6 +161,23 @@ def test_fallback_reacts_within_a_few_shadowed_texts() -> None:
     assert d.certificate is None or d.certificate.lam > cert.lam
 
 
+def test_a_part_filled_window_never_revokes_for_want_of_power(caplog: pytest.LogCaptureFixture) -> None:
+    """On a stationary stream, a certified λ (true gap 0.047 < ε = 0.05) is judged "no longer
+    certified" only on a full window; a part-filled one only acts on evidence of drift."""
+    cert = sw.calibrate(fake_trace(texts_("off1", 3000), False), sw.make_rule("max_prob"), epsilon=0.05,
+                        delta=0.1, risk="gap")
+    assert cert.check(fake_trace(texts_("heldout", 20000), False))["risk"] < 0.05
+
+    def revoked(window: int, seed: int) -> int:
+        recal = Recalibrator(epsilon=0.05, delta=0.1, shadow_rate=0.9, window=window, every=10**6, seed=seed)
+        _, decisions = feed(recal, texts_(f"stat{seed}", 1500), False, cert)
+        return sum("no longer certify" in d.event.reason for d in decisions)
+
+    with caplog.at_level(logging.ERROR, logger="stopwise.serve"):
+        assert [revoked(2000, s) for s in range(10)] == [0] * 10  # ~1,350 rows: never full
+        assert sum(revoked(150, s) for s in range(10)) > 0  # full windows of 150 rows do judge it
+
+
 def test_online_certificates_hold_over_many_streams() -> None:
     """MAPIE-style: over independent stationary streams, the share with any issued λ whose true gap
     exceeds ε stays below δ (+ binomial slack); accepting the window's empirical gap instead fails."""

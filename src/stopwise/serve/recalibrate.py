@@ -9,9 +9,9 @@ the gap, disagreement with the full model, which the final layer defines.
 
 After each shadowed batch the *current* λ is tested on the window: the exact binomial p-value of
 "gap(λ) > ε" for that single λ (the test LTT runs per λ; Angelopoulos et al., "Learn then Test",
-2021). If the window holds at least the rows that could certify anything at level δ and the
-p-value exceeds δ (the total; certificates are issued at δ_r <= δ, so a λ is not revoked by the
-noise of the next window), the window no longer certifies λ; and before the window is that large,
+2021). If the window is full (``window`` rows, and at least the rows that could certify anything
+at level δ) and the p-value exceeds δ (the total; certificates are issued at δ_r <= δ, so a λ is not revoked by the
+noise of the next window), the window no longer certifies λ; and at any size,
 when its disagreements already show gap(λ) > ε (binomial tail P(X >= k | n, ε) <= δ, a test of
 drift). Either way a **fallback** runs at once,
 calibrating on the window (and going to the full model when nothing certifies or the window is
@@ -186,7 +186,11 @@ class Recalibrator:
             # whether λ is certified, but it can already show that λ's gap exceeds ε (drift).
             n, k = self.window.n, int(round(self.window_gap * self.window.n))
             exceeded = float(binom.sf(k - 1, n, self.epsilon)) if k > 0 else 1.0
-            if n >= min_calibration_size(self.epsilon, level, "binomial") and p > level:
+            # Lack of evidence is judged on a full window only: a part-filled one just above the
+            # minimum size certifies nothing with a single disagreement, so on a stationary stream
+            # it would revoke a λ for want of power, not for evidence (the drift test acts at once).
+            full = n >= self.window_size and n >= min_calibration_size(self.epsilon, level, "binomial")
+            if full and p > level:
                 reason = (f"the window's {n} shadowed texts no longer certify λ = {lam:.4g} "
                           f"(gap {self.window_gap:.4f}, p = {p:.3g} > δ = {level:.3g})")
                 return self._calibrate("fallback", lam, p, reason)
