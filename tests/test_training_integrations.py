@@ -395,6 +395,52 @@ def test_hf_patience_baseline_and_bad_inputs(embeddings: tuple[Any, Any], hf_cer
     assert resumed.state.global_step <= trainer.state.global_step + EVERY
 
 
+@pytest.mark.model
+def test_hf_memory_restore_survives_resuming(embeddings: tuple[Any, Any], tmp_path: Path) -> None:
+    """restore_best="memory" keeps the best in each checkpoint: a resumed run restores a best reached before."""
+    import shutil
+
+    import torch
+
+    from stopwise.training.hf import BEST_MARKER, BEST_WEIGHTS, StopwiseCallback
+
+    saving: dict[str, Any] = dict(save_strategy="steps", save_steps=EVERY, restore_callback_states_from_checkpoint=True)
+    first = StopwiseCallback(patience=2, min_delta=1e-3)
+    trainer = _trainer(*embeddings, 11, first, tmp_path, **saving)
+    trainer.train()
+    assert first.reason.startswith("patience 2 reached") and first.best_weights is not None
+    best, last = first.best_step, trainer.state.global_step
+    assert best is not None and best < last
+    out = tmp_path / "out"
+    # The best's own checkpoint holds it already (a marker, no second copy); later ones carry a copy.
+    assert (out / f"checkpoint-{best}" / BEST_MARKER).is_file()
+    assert not (out / f"checkpoint-{best}" / BEST_WEIGHTS).exists()
+    assert (out / f"checkpoint-{last}" / BEST_WEIGHTS).is_file()
+
+    def resume(step: int) -> tuple[Any, StopwiseCallback]:
+        again = _trainer(*embeddings, 11, StopwiseCallback(patience=2, min_delta=1e-3), tmp_path, **saving)
+        again.train(resume_from_checkpoint=str(out / f"checkpoint-{step}"))
+        cb = next(c for c in again.callback_handler.callbacks if isinstance(c, StopwiseCallback))
+        return again, cb
+
+    # From the last checkpoint (the run had stopped): the weights of the best step, bit for bit.
+    resumed, cb = resume(last)
+    assert cb.best_step == best and cb.reason == first.reason
+    for k, v in resumed.model.state_dict().items():
+        assert torch.equal(v, first.best_weights[k]), k
+    # From the best's own checkpoint: training goes on from there and ends on its own best, restored.
+    resumed, cb = resume(best)
+    assert cb.best_weights is not None and cb.best_step is not None and cb.best_step >= best
+    for k, v in resumed.model.state_dict().items():
+        assert torch.equal(v, cb.best_weights[k]), k
+    # A checkpoint without the files cannot restore the old best: a clear error, not the last weights.
+    for name in (BEST_WEIGHTS, BEST_MARKER):
+        (out / f"checkpoint-{last}" / name).unlink()
+    shutil.rmtree(out / f"checkpoint-{best}")
+    with pytest.raises(sw.StopwiseError, match=f"cannot restore the best weights \\(step {best}.*{BEST_WEIGHTS}"):
+        resume(last)
+
+
 def test_certificate_of_another_kind_is_refused() -> None:
     pytest.importorskip("optuna")
     from stopwise.training.optuna import CertifiedPruner

@@ -19,9 +19,12 @@ Restoring the best weights (what the certificate's regret is measured against):
 
 * ``restore_best="memory"`` (default): a CPU copy of the model's ``state_dict`` is taken at each
   new best evaluation and loaded back at the end of training, whether the run stopped early or
-  not. Exact, needs no checkpoints, costs one model's worth of host memory. The copy is not part of
-  a Trainer checkpoint: after ``resume_from_checkpoint`` a best reached before the resume cannot
-  be restored, and the callback raises at the end of training rather than keep the last weights.
+  not. Exact, needs no checkpoints, costs one model's worth of host memory. When the Trainer saves
+  a checkpoint, the copy rides along as ``stopwise_best.safetensors`` in it (or, when the best is
+  the checkpoint's own weights, a small ``stopwise_best.json`` saying so), so a run resumed from
+  ``output_dir/checkpoint-<step>`` restores a best reached before the resume. A checkpoint without
+  them (moved elsewhere, or saved by an older version) cannot: the callback then raises at the end
+  of training rather than keep the last weights.
 * ``restore_best="checkpoint"``: the Trainer's own ``load_best_model_at_end`` restores the best
   saved checkpoint; the callback checks that ``metric_for_best_model`` / ``greater_is_better``
   are the monitored metric and mode and that every evaluation is saved. Survives resuming.
@@ -35,8 +38,10 @@ same decision. Why it stopped is in :attr:`StopwiseCallback.reason` and logged (
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
 from typing import Any, Literal
 
 import torch
@@ -51,7 +56,8 @@ __all__ = ["StopwiseCallback"]
 
 logger = logging.getLogger(__name__)
 RESTORE = ("memory", "checkpoint")
-#: What a learning-curve certificate's source holds (stopwise.training.curves_to_trace).
+#: Files of the in-memory best inside a Trainer checkpoint folder (restore_best="memory").
+BEST_WEIGHTS, BEST_MARKER = "stopwise_best.safetensors", "stopwise_best.json"
 
 
 def build_monitor(*, certificate: sw.Certificate | dict[str, Any] | None, rule: sw.Rule | dict[str, Any] | None,
@@ -159,6 +165,8 @@ class StopwiseCallback(TrainerCallback, ExportableState):
             self.best_step = self.stopped_step = None
             self.best_weights = None
         elif self.restore_best == "memory" and self.best_weights is None and self.best_step is not None:
+            self.best_weights = self._load_best(_checkpoint(args, state.global_step), kwargs.get("model"))
+        if self.restore_best == "memory" and self.best_weights is None and self.best_step is not None:
             logger.warning("stopwise resumed at step %d with its best so far at step %d, whose weights are not in the "
                            "checkpoint: unless a later evaluation beats it, restoring the best will fail at the end "
                            "(restore_best='checkpoint' survives resuming)", state.global_step, self.best_step)
@@ -203,6 +211,40 @@ class StopwiseCallback(TrainerCallback, ExportableState):
             logger.log(logging.WARNING if diverged else logging.INFO, "stopwise stopped training at step %d: %s",
                        state.global_step, self.run.reason)
 
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        if self.restore_best != "memory" or self.best_weights is None or self.best_step is None:
+            return
+        folder = _checkpoint(args, state.global_step)
+        if not os.path.isdir(folder):  # a hyperparameter search's run folder: not ours to guess
+            logger.warning("stopwise: no checkpoint folder %s to keep the best weights in", folder)
+            return
+        marker = {"best_step": self.best_step, "in_checkpoint_model": self.best_step == state.global_step}
+        if not marker["in_checkpoint_model"]:  # else the checkpoint's own weights are the best: no second copy
+            from safetensors.torch import save_file
+
+            save_file({k: v.contiguous() for k, v in self.best_weights.items()}, os.path.join(folder, BEST_WEIGHTS),
+                      metadata={"best_step": str(self.best_step)})
+        with open(os.path.join(folder, BEST_MARKER), "w", encoding="utf-8") as f:
+            json.dump(marker, f, sort_keys=True)
+
+    def _load_best(self, folder: str, model: torch.nn.Module | None) -> dict[str, torch.Tensor] | None:
+        """The best weights kept in a checkpoint by :meth:`on_save`, or None when it holds none for this best."""
+        try:
+            with open(os.path.join(folder, BEST_MARKER), encoding="utf-8") as f:
+                marker = json.load(f)
+        except (OSError, ValueError):
+            return None
+        if marker.get("best_step") != self.best_step:
+            return None
+        if marker.get("in_checkpoint_model"):  # the resumed model was just loaded from this checkpoint
+            if model is None:
+                return None
+            return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        from safetensors.torch import load_file
+
+        logger.info("stopwise: the best weights of step %d come from %s", self.best_step, folder)
+        return load_file(os.path.join(folder, BEST_WEIGHTS))
+
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                      model: torch.nn.Module | None = None, **kwargs: Any) -> None:
         self._training = False
@@ -213,7 +255,8 @@ class StopwiseCallback(TrainerCallback, ExportableState):
         if self.best_weights is None:
             raise StopwiseError(f"StopwiseCallback cannot restore the best weights (step {self.best_step}, "
                                 f"{self.monitor} = {self.run.best_value:.6g}): they were reached before the "
-                                "run was resumed and are not in the checkpoint. Use restore_best='checkpoint' to resume.")
+                                f"run was resumed and the checkpoint holds no {BEST_WEIGHTS} / {BEST_MARKER} for that "
+                                "step. Resume from the checkpoint folder the Trainer wrote, or use restore_best='checkpoint'.")
         model.load_state_dict(self.best_weights)
         logger.info("stopwise restored the weights of step %d (%s = %.6g)", self.best_step, self.monitor,
                     self.run.best_value)
@@ -252,6 +295,11 @@ class StopwiseCallback(TrainerCallback, ExportableState):
 
     def __repr__(self) -> str:
         return f"StopwiseCallback({self.run!r}, restore_best={self.restore_best!r})"
+
+
+def _checkpoint(args: TrainingArguments, step: int) -> str:
+    # The folder Trainer._save_checkpoint writes outside a hyperparameter search.
+    return os.path.join(str(args.output_dir), f"checkpoint-{step}")
 
 
 def _other_eval_set(metrics: dict[str, float], name: str) -> str | None:
