@@ -13,13 +13,22 @@ This package imports numpy only; the framework callbacks live in ``stopwise.trai
 from stopwise.training.conformal import ConformalEarlyStopping, ConformalEarlyStoppingRegressor
 from stopwise.training.curves import REGRET, CurveRecorder, curves_to_trace, read_run, scores_of, values_of
 from stopwise.training.monitor import RunMonitor
-from stopwise.training.risks import certify, check_certificate, pruning_trace, regret_at, regret_risk
+from stopwise.training.risks import (
+    certify,
+    certify_pruning,
+    check_certificate,
+    pruning_grid,
+    pruning_trace,
+    regret_at,
+    regret_risk,
+)
 from stopwise.training.rules import SCORE, CurveExtrapolation, EpochPatience, PercentileStopping, PlateauGain
 
 __all__ = [
     "ConformalEarlyStopping", "ConformalEarlyStoppingRegressor",
     "REGRET", "SCORE", "CurveExtrapolation", "CurveRecorder", "EpochPatience", "PercentileStopping", "PlateauGain",
     "RunMonitor",
-    "certify", "check_certificate", "curves_to_trace", "pruning_trace", "read_run", "regret_at", "regret_risk",
+    "certify", "certify_pruning", "check_certificate", "curves_to_trace", "pruning_grid", "pruning_trace", "read_run",
+    "regret_at", "regret_risk",
     "scores_of", "values_of",
 ]

@@ -9,7 +9,9 @@ Bates, Candès, Jordan, Lei 2021) with a bounded-mean p-value (WSR by default) c
 
 Trial pruning (:func:`pruning_trace`): the loss is 1 when a run that ends within ``within`` of
 the best run of its search is stopped before its last evaluation; calibrated on those runs, the
-certificate bounds the probability that such a run gets pruned.
+certificate bounds the probability that such a run gets pruned. :func:`certify_pruning` does both
+steps and adds the one λ the core's default grid leaves out, just beyond every good run's
+statistic (see there).
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ from stopwise.training.monitor import check_source
 
 PRUNED = "pruned"
 
-__all__ = ["PRUNED", "certify", "check_certificate", "check_population", "pruning_trace", "regret_at", "regret_risk"]
+__all__ = ["PRUNED", "certify", "certify_pruning", "check_certificate", "check_population", "pruning_grid",
+           "pruning_trace", "regret_at", "regret_risk"]
 
 
 def check_population(trace: sw.Trace, *, owner: str) -> None:
@@ -124,3 +127,59 @@ def pruning_trace(trace: sw.Trace, *, within: float, groups: Sequence[Any] | np.
     signals[PRUNED] = loss
     return sw.Trace(predictions=trace.predictions[idx], mask=mask, cost=cost, signals=signals,
                     meta={**trace.meta, "pruning_within": float(within)})
+
+
+def pruning_grid(good: sw.Trace, rule: sw.Rule) -> np.ndarray:
+    """The λ grid for calibrating ``rule`` on a :func:`pruning_trace`: every distinct value of its
+    statistic on the good runs, plus the first λ beyond all of them.
+
+    The core's default grid (every distinct statistic value) leaves out the "never stop" end,
+    which on an ordinary trace stops no run anywhere. A pruning trace holds the good runs only, so
+    a threshold just beyond their largest statistic prunes none of them yet still prunes the bad
+    runs whose statistic goes further: it is the least aggressive λ with zero calibration risk,
+    and the only one a small calibration set can certify at a small ε (the first grid value
+    prunes one good run, and (1 - ε)^n <= δ passes while P(Binomial(n, ε) <= 1) <= δ does not).
+    Fixed-sequence testing over this grid is fixed-sequence testing over the whole continuum of
+    λ: the losses change only at the statistic's values, and the added point stands for the
+    interval above them.
+    """
+    free = rule.with_lam(None)
+    z = free.z(good)
+    finite = z[np.isfinite(z)]
+    if free.integer:
+        t = np.arange(0, (int(finite.max()) if finite.size else 0) + 2, dtype=np.float64)
+    else:
+        values = np.unique(finite)
+        top = float(values[-1]) if values.size else 0.0
+        t = np.append(values, np.nextafter(top, np.inf))
+    out: np.ndarray = free.sign() * t
+    return out
+
+
+def certify_pruning(trace: sw.Trace, rule: sw.Rule, *, within: float, groups: Sequence[Any] | np.ndarray,
+                    epsilon: float, delta: float = 0.1, **kwargs: Any) -> sw.Certificate:
+    """Calibrate ``rule`` as a trial pruner: with probability >= 1 - ``delta`` over the recorded
+    searches, a new run that ends within ``within`` of its search's best is pruned with
+    probability <= ``epsilon`` (Learn-then-Test, Angelopoulos et al. 2021, on the ``pruned`` loss
+    of :func:`pruning_trace`, exact binomial p-value, over :func:`pruning_grid`).
+
+    ``trace`` holds all the recorded runs (``groups[i]``: run i's search); only the good ones
+    enter the calibration. The promise needs a rule fixed before these runs are seen; a rule fitted
+    on them (a :meth:`~stopwise.training.PercentileStopping.from_runs` median over hundreds of
+    runs, which one run barely moves) makes it approximate. Other keyword arguments go to
+    :func:`stopwise.calibrate`. Raises :class:`~stopwise.CalibrationError` naming the number of
+    good runs when there are fewer than the exact binomial size ``log δ / log(1 - ε)``.
+    """
+    good = pruning_trace(trace, within=within, groups=groups)
+    if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not 0 < epsilon < 1:
+        raise StopwiseError(f"The 'epsilon' parameter of certify_pruning must be a probability in (0, 1). "
+                            f"Got {epsilon!r} instead.")
+    if "grid" in kwargs:
+        raise StopwiseError("certify_pruning chooses its own grid (pruning_grid); call stopwise.calibrate on "
+                            "pruning_trace(...) to pass another.")
+    try:
+        return sw.calibrate(good, rule, epsilon=epsilon, delta=delta, risk=sw.LossMatrix(signal=PRUNED),
+                            grid=pruning_grid(good, rule), **kwargs)
+    except CalibrationError as exc:
+        raise CalibrationError(f"{exc} (certify_pruning: {good.n} of {trace.n} runs end within {within:g} of "
+                               f"their search's best; record more searches or ask for a larger ε)") from None
