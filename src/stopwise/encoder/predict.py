@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -24,6 +24,7 @@ from stopwise.encoder.backbone import BatchState
 from stopwise.encoder.batches import LONE_ROW, Encoded, Prediction, to_numpy, unpadded_batch
 from stopwise.encoder.decider import lone_row_decider, snapshot
 from stopwise.encoder.exits import ExitsOnBackbone
+from stopwise.encoder.progress import CancellablePrediction, ExitedRows, Watch, drop_stopper_rows
 
 #: Batches that advance layer by layer together in predict by default (in_flight = this × batch_size).
 IN_FLIGHT_BATCHES = 4
@@ -61,7 +62,8 @@ class EarlyExitPredictor(ExitsOnBackbone):
     @torch.inference_mode()
     def predict(self, texts: Any, *, rule: Any = None, certificate: Certificate | None = None, batch_size: int = 32,
                 in_flight: int | None = None, cost: str = "layers", sort: bool = True, progress: bool = False,
-                trace_calls: list[int] | None = None) -> Prediction:
+                trace_calls: list[int] | None = None, on_exit: Callable[[ExitedRows], Any] | None = None,
+                cancelled: Callable[[], Iterable[int]] | None = None) -> Prediction:
         """Classify with early exit: after each layer the rule's online stopper decides for the rows
         still running; rows that stop leave the batch. ``rule=None`` runs the full model.
 
@@ -72,6 +74,14 @@ class EarlyExitPredictor(ExitsOnBackbone):
         batch would eat much of what early exit saves. The hidden states of all ``in_flight`` rows
         are held at once (rows × tokens × hidden size floats). ``trace_calls``, if given, receives the
         number of rows each layer call ran on.
+
+        For a server answering many clients from one batch: ``on_exit``, if given, is called (in the
+        calling thread, between layers) with an :class:`~stopwise.encoder.progress.ExitedRows` each
+        time rows leave, once per row, with exactly the values returned for them. ``cancelled``, if
+        given, is called before each layer and returns the row indices (into ``texts``) to drop: those
+        rows leave their batch uncomputed further, get no answer and no ``on_exit`` call, and the result
+        is a :class:`~stopwise.encoder.progress.CancellablePrediction` marking them. With neither, the
+        outputs are the same, and the loop's added work is one ``is None`` test per layer.
         """
         self._require_fitted()
         cost = check_choice(cost, "cost", "EarlyExitClassifier.predict", COSTS)
@@ -88,24 +98,33 @@ class EarlyExitPredictor(ExitsOnBackbone):
         n, c = len(enc), len(self.class_names)
         out = (np.empty(n, dtype=np.int64), np.empty((n, c), dtype=np.float64), np.empty(n, dtype=np.int64))
         head = self._head_fn(heads_key)
+        watch = None
+        if on_exit is not None or cancelled is not None:
+            unit = None if cost == "layers" else self._layer_flops(np.array([len(x) for x in enc.ids]))
+            watch = Watch(n, c, unit, on_exit, cancelled)
         t0 = time.perf_counter()
         if n == 1 and not progress:
             # One request per call, as a server sees them: one batch of one row, nothing to sort,
             # group or show. At batch 1 every call predict makes before the first layer runs on
             # cold caches; this path makes as few as it can.
-            self._predict_group([unpadded_batch(LONE_ROW, enc.ids)], stop_rule, head, out, batch_size, trace_calls)
+            self._predict_group([unpadded_batch(LONE_ROW, enc.ids)], stop_rule, head, out, batch_size, trace_calls,
+                                watch)
         else:
-            self._predict_batches(enc, stop_rule, head, out, batch_size, in_flight, sort, progress, trace_calls)
+            self._predict_batches(enc, stop_rule, head, out, batch_size, in_flight, sort, progress, trace_calls, watch)
         seconds = time.perf_counter() - t0
         preds, probs, exit_layer = out
         per_row = (exit_layer.astype(np.float64) if cost == "layers"
                    else self._layer_flops(np.array([len(x) for x in enc.ids])) * exit_layer)
+        if cancelled is not None and watch is not None:
+            watch.finish(out, per_row)
+            return CancellablePrediction(predictions=preds, probs=probs, exit_layer=exit_layer, cost=per_row,
+                                         class_names=self.class_names, seconds=seconds, cancelled=watch.dropped)
         return Prediction(predictions=preds, probs=probs, exit_layer=exit_layer, cost=per_row,
                           class_names=self.class_names, seconds=seconds)
 
     def _predict_batches(self, enc: Encoded, rule: Rule | None, head: Callable[[int, BatchState], torch.Tensor],
                          out: tuple[np.ndarray, np.ndarray, np.ndarray], batch_size: int, in_flight: int, sort: bool,
-                         progress: bool, calls: list[int] | None) -> None:
+                         progress: bool, calls: list[int] | None, watch: Watch | None = None) -> None:
         batches = list(self._batches(enc, batch_size, sort))
         per_group = in_flight // batch_size
         # No bar object at all unless asked for: even a disabled one costs a head's worth at batch 1.
@@ -116,7 +135,7 @@ class EarlyExitPredictor(ExitsOnBackbone):
             bar = tqdm(total=len(enc), desc="predict")
         for g in range(0, len(batches), per_group):
             group = batches[g : g + per_group]
-            self._predict_group(group, rule, head, out, batch_size, calls)
+            self._predict_group(group, rule, head, out, batch_size, calls, watch)
             if bar is not None:
                 bar.update(sum(len(rows) for rows, *_ in group))
         if bar is not None:
@@ -146,13 +165,14 @@ class EarlyExitPredictor(ExitsOnBackbone):
 
     def _predict_group(self, group: list[tuple[np.ndarray, torch.Tensor, torch.Tensor, bool]], rule: Rule | None,
                        head: Callable[[int, BatchState], torch.Tensor], out: tuple[np.ndarray, np.ndarray, np.ndarray],
-                       batch_size: int, calls: list[int] | None) -> None:
+                       batch_size: int, calls: list[int] | None, watch: Watch | None = None) -> None:
         """Batches advancing layer by layer together; one stopper over all their rows, which sees
-        them in the order of ``lives`` concatenated (kept through every select and re-pack)."""
+        them in the order of ``lives`` concatenated (kept through every select and re-pack).
+        ``watch`` (a server's callbacks) hears of every exit and drops cancelled rows before a layer."""
         if rule is not None and len(group) == 1 and len(group[0][0]) == 1:
             decide = self._lone_decider(rule)
             if decide is not None:
-                self._predict_row(group[0], decide, head, out, calls)
+                self._predict_row(group[0], decide, head, out, calls, watch)
                 return
         preds, probs, exit_layer = out
         states = [self.backbone.start(ids, mask, unpadded=unpadded) for _, ids, mask, unpadded in group]
@@ -160,6 +180,13 @@ class EarlyExitPredictor(ExitsOnBackbone):
         last = self.n_layers - 1
         stopper = None if rule is None else rule.stopper(sum(len(live) for live in lives))
         for k in range(self.n_layers):
+            keep = None if watch is None else watch.keep_mask(lives, k)
+            if keep is not None:
+                if not keep.any():
+                    return
+                if stopper is not None:
+                    drop_stopper_rows(stopper, keep)
+                states, lives = self._shrink(states, lives, keep, batch_size)
             for state, live in zip(states, lives, strict=True):
                 self.backbone.layer(k, state)
                 if calls is not None:
@@ -173,10 +200,14 @@ class EarlyExitPredictor(ExitsOnBackbone):
                 StageBatch(index=k, predictions=p.argmax(axis=1), probs=p), last=k == last)
             if stop.all():
                 preds[live_all], probs[live_all], exit_layer[live_all] = p.argmax(axis=1), p, k + 1
+                if watch is not None:
+                    watch.exited(live_all, preds[live_all], probs[live_all], k + 1)
                 return
             if stop.any():
                 gone = live_all[stop]
                 preds[gone], probs[gone], exit_layer[gone] = p[stop].argmax(axis=1), p[stop], k + 1
+                if watch is not None:
+                    watch.exited(gone, preds[gone], probs[gone], k + 1)
                 states, lives = self._shrink(states, lives, ~stop, batch_size)
 
     def _lone_decider(self, rule: Rule) -> Callable[[torch.Tensor], np.ndarray | None] | None:
@@ -195,7 +226,7 @@ class EarlyExitPredictor(ExitsOnBackbone):
     def _predict_row(self, batch: tuple[np.ndarray, torch.Tensor, torch.Tensor, bool],
                      decide: Callable[[torch.Tensor], np.ndarray | None],
                      head: Callable[[int, BatchState], torch.Tensor], out: tuple[np.ndarray, np.ndarray, np.ndarray],
-                     calls: list[int] | None) -> None:
+                     calls: list[int] | None, watch: Watch | None = None) -> None:
         """One row alone under a rule that decides on each stage's probabilities alone. At batch
         1 a StageBatch and a Stopper step after every layer cost more than the head, so
         ``decide`` (see :func:`lone_row_decider`) takes the head's tensor and returns the
@@ -205,6 +236,8 @@ class EarlyExitPredictor(ExitsOnBackbone):
         state = self.backbone.start(ids, mask, unpadded=unpadded)
         last = self.n_layers - 1
         for k in range(self.n_layers):
+            if watch is not None and watch.keep_mask([rows], k) is not None:
+                return  # its one row was cancelled
             self.backbone.layer(k, state)
             if calls is not None:
                 calls.append(1)
@@ -212,6 +245,8 @@ class EarlyExitPredictor(ExitsOnBackbone):
             p64 = to_numpy(p) if k == last else decide(p)
             if p64 is not None:
                 preds[rows], probs[rows], exit_layer[rows] = p64.argmax(axis=1), p64, k + 1
+                if watch is not None:
+                    watch.exited(rows, preds[rows], probs[rows], k + 1)
                 return
 
     def _shrink(self, states: list[BatchState], lives: list[np.ndarray], keep: np.ndarray,

@@ -7,6 +7,10 @@ place in the queue: body bytes (413, while streaming), number of texts (413), ty
 per text (400 naming the limit and the model's maximum, unless the request asks for truncation).
 With a :class:`~stopwise.serve.recalibrate.Recalibrator`, a random share of the texts is answered by
 the full model and recorded through every layer, and the certificate is recalibrated online.
+
+A request is answered as soon as its own texts have exited, while the rest of its batch runs on
+(``predict(on_exit=...)``), and when its client disconnects, its texts still in the batch are dropped
+at the next layer (``predict(cancelled=...)``); shadowed texts run every layer by design.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import contextlib
 import copy
 import hashlib
 import hmac
+import inspect
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -28,6 +33,7 @@ from stopwise._errors import StopwiseError, check_int
 from stopwise.http.limits import DEFAULT_MAX_BODY_BYTES, BadJSON, error_body, install, read_json
 from stopwise.serve.batcher import DeadlineExceeded, DynamicBatcher, ModelThread, Policy, QueueFull, ShuttingDown
 from stopwise.serve.metrics import Metrics
+from stopwise.serve.progress import BatchProgress
 from stopwise.serve.recalibrate import Recalibrator
 
 try:  # FastAPI resolves the handlers' annotations at module level
@@ -89,6 +95,10 @@ def create_app(classifier: Any, certificate: Any | None = None, *, max_batch_siz
     ``recalibrator``, shadowed texts run every layer (answered by the final one) and feed its window;
     its recalibrations and fallbacks swap the policy from the next batch on (see
     :mod:`stopwise.serve.recalibrate` for what the online guarantee covers).
+
+    Texts are answered as they exit and a disconnected client's texts are dropped mid-batch when
+    ``classifier.predict`` takes ``on_exit`` and ``cancelled`` (an ``EarlyExitClassifier`` does); a
+    stand-in whose predict takes neither is answered batch by batch.
     """
     from fastapi import FastAPI
     from fastapi.responses import PlainTextResponse
@@ -116,20 +126,40 @@ def create_app(classifier: Any, certificate: Any | None = None, *, max_batch_siz
     counter_tokenizer = copy.deepcopy(classifier.tokenizer)
     counter = ModelThread()
 
-    def live(texts: list[str], policy: Policy) -> Any:
-        if policy.certificate is None:
-            return classifier.predict(texts, batch_size=max_batch_size)
-        return classifier.predict(texts, certificate=policy.certificate, batch_size=max_batch_size)
+    params = inspect.signature(classifier.predict).parameters
+    progressive = "on_exit" in params and "cancelled" in params
 
-    def run_batch(texts: list[str], policy: Policy) -> Any:
+    def live(texts: list[str], policy: Policy, progress: BatchProgress | None, where: np.ndarray | None) -> Any:
+        """predict on ``texts``, rows ``where`` of the batch (None: all of them, in order)."""
+        kwargs: dict[str, Any] = {"batch_size": max_batch_size}
+        if policy.certificate is not None:
+            kwargs["certificate"] = policy.certificate
+        if progress is None:
+            return classifier.predict(texts, **kwargs)
+        tracker = progress
+
+        def on_exit(done: Any) -> None:
+            rows = done.rows if where is None else where[done.rows]
+            tracker.answered(rows, split(done, 0, len(done)))
+
+        def cancelled() -> np.ndarray:
+            gone = tracker.cancelled
+            return gone if where is None or not len(gone) else np.flatnonzero(np.isin(where, gone))
+
+        pred = classifier.predict(texts, on_exit=on_exit, cancelled=cancelled, **kwargs)
+        tracker.dropped(int(np.count_nonzero(pred.cancelled)))
+        return pred
+
+    def run_batch(texts: list[str], policy: Policy, progress: BatchProgress | None = None) -> Any:
         if recalibrator is None:
-            return live(texts, policy)
+            return live(texts, policy, progress, None)
         shadow = recalibrator.choose(len(texts))
         if not shadow.any():
-            return live(texts, policy)
+            return live(texts, policy, progress, None)
         rows = Rows.empty(len(texts), len(classes))
         if not shadow.all():
-            rows.put(~shadow, live([t for t, s in zip(texts, shadow, strict=True) if not s], policy))
+            rows.put(~shadow, live([t for t, s in zip(texts, shadow, strict=True) if not s], policy, progress,
+                                   np.flatnonzero(~shadow)))
         trace = classifier.record([t for t, s in zip(texts, shadow, strict=True) if s], batch_size=max_batch_size,
                                   progress=False)
         # The final layer answers a shadowed text: exactly the full model's answer.
@@ -150,7 +180,8 @@ def create_app(classifier: Any, certificate: Any | None = None, *, max_batch_siz
         return [len(x) for x in ids]
 
     batcher = DynamicBatcher(run_batch, make_policy(certificate), max_batch_size=max_batch_size,
-                             max_wait_ms=max_wait_ms, max_queue=max_queue, metrics=metrics, split=split)
+                             max_wait_ms=max_wait_ms, max_queue=max_queue, metrics=metrics, split=split,
+                             progressive=progressive)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: Any) -> AsyncIterator[None]:
@@ -180,7 +211,7 @@ def create_app(classifier: Any, certificate: Any | None = None, *, max_batch_siz
         return {"status": "draining" if batcher.closing else "ok", "model": model_name, "classes": classes,
                 "certificate_id": policy.certificate_id, "lambda": policy.lam, "queue_depth": metrics.queue_rows,
                 "running": metrics.running_rows, "batches": metrics.batches, "dropped": metrics.dropped,
-                "cancelled_running": metrics.cancelled_running,
+                "cancelled_running": metrics.cancelled_running, "cancelled_rows": metrics.cancelled_rows,
                 "recalibration": None if recalibrator is None else recalibrator.status()}
 
     @app.get("/metrics")

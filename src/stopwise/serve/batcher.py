@@ -5,12 +5,15 @@ most ``max_wait_ms`` after its arrival for more to arrive, up to ``max_batch_siz
 the batch in one worker thread (the event loop keeps answering /health meanwhile) and hands
 each request its own rows. This is the dynamic batching of Clipper (Crankshaw et al., NSDI 2017)
 and Triton: a batch fills while the previous one runs, so under load batches grow by themselves.
+With ``progressive=True`` a request is answered as soon as *its* rows are done, while the rest of
+its batch still runs (:class:`~stopwise.serve.progress.BatchProgress`).
 
 The queue holds at most ``max_queue`` texts: a request that does not fit is refused at once
 (:class:`QueueFull`, HTTP 503 with Retry-After), never parked in an unbounded backlog. A request
 whose client leaves (its future is cancelled) frees its place immediately and is skipped when its
-batch forms. The stopping policy (certificate, λ) lives in one immutable :class:`Policy` read once
-per batch, so :meth:`DynamicBatcher.swap` replaces it atomically between batches.
+batch forms; once its batch runs, a progressive ``run_batch`` drops its rows at the next layer.
+The stopping policy (certificate, λ) lives in one immutable :class:`Policy` read once per batch,
+so :meth:`DynamicBatcher.swap` replaces it atomically between batches.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from typing import Any
 
 from stopwise._errors import StopwiseError, check_int
 from stopwise.serve.metrics import Metrics
+from stopwise.serve.progress import BatchProgress, settle
 
 
 @dataclass(frozen=True)
@@ -62,6 +66,9 @@ class Job:
     arrived: float
     deadline: float
     taken: bool = False  # in a batch (its place in the queue is released)
+    running: bool = False  # its batch is on the model now
+    progress: BatchProgress | None = None  # that batch's, when the batcher is progressive
+    index: int = 0  # its place in that batch
 
 
 @dataclass
@@ -100,18 +107,9 @@ class ModelThread:
             except BaseException as exc:  # handed to the awaiting coroutine, which re-raises it
                 result, error = None, exc
             try:
-                task.loop.call_soon_threadsafe(_settle, task.future, result, error)
+                task.loop.call_soon_threadsafe(settle, task.future, result, error)
             except RuntimeError:  # the loop closed while the batch ran (shutdown timed out): nobody waits
                 pass
-
-
-def _settle(fut: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
-    if fut.done():
-        return
-    if error is not None:
-        fut.set_exception(error)
-    else:
-        fut.set_result(result)
 
 
 class DynamicBatcher:
@@ -119,12 +117,16 @@ class DynamicBatcher:
 
     ``run_batch`` runs in the model thread and returns one sequence (or array) per text, in order;
     each request receives ``(policy, its rows)``. ``split(rows, start, stop)`` cuts a request's part
-    out of a batch's result (default: slicing).
+    out of a batch's result (default: slicing). With ``progressive``, ``run_batch`` is called as
+    ``run_batch(texts, policy, progress)`` with a :class:`BatchProgress`, through which it answers
+    rows as they finish (a request whose rows are all answered so is settled with the list of its
+    answers before the batch ends) and learns which rows to drop; requests it left unanswered are
+    settled from its result, as without ``progressive``.
     """
 
     def __init__(self, run_batch: Callable[[list[str], Policy], Any], policy: Policy, *, max_batch_size: int = 32,
                  max_wait_ms: float = 5.0, max_queue: int = 1024, metrics: Metrics | None = None,
-                 split: Callable[[Any, int, int], Any] | None = None) -> None:
+                 split: Callable[[Any, int, int], Any] | None = None, progressive: bool = False) -> None:
         owner = "DynamicBatcher"
         self.max_batch_size = check_int(max_batch_size, "max_batch_size", owner, minimum=1)
         self.max_queue = check_int(max_queue, "max_queue", owner, minimum=1)
@@ -133,6 +135,7 @@ class DynamicBatcher:
                                 f"Got {max_wait_ms!r} instead.")
         self.max_wait_s = float(max_wait_ms) / 1000.0
         self.run_batch = run_batch
+        self.progressive = bool(progressive)
         self.split = split or (lambda rows, a, b: rows[a:b])
         self.metrics = metrics or Metrics()
         self._policy = policy
@@ -219,10 +222,17 @@ class DynamicBatcher:
         self._withdrawn(job)
 
     def _withdrawn(self, job: Job) -> None:
-        if job.future.cancelled() and not job.taken:  # the client left while it waited: free its place now
+        if not job.future.cancelled():
+            return
+        if not job.taken:  # the client left while it waited: free its place now
             job.taken = True
             self.metrics.queue_rows -= len(job.texts)
             self.metrics.dropped += 1
+        elif job.running:  # the client left while its batch ran: stop its rows, if the model can
+            job.running = False
+            if job.progress is not None:
+                job.progress.withdraw(job.index)
+            self.metrics.cancelled_running += 1
 
     # -- the loop -----------------------------------------------------------------------------
     async def _loop(self) -> None:
@@ -282,10 +292,15 @@ class DynamicBatcher:
         self.metrics.running_rows = len(texts)
         started = time.perf_counter()
         assert self._model is not None
+        progress = (BatchProgress([(job.future, len(job.texts)) for job in batch], policy, asyncio.get_running_loop())
+                    if self.progressive else None)
+        for i, job in enumerate(batch):
+            job.running, job.progress, job.index = True, progress, i
         try:
             # Shielded: a cancelled batcher (shutdown timeout) must not leave the model thread's
             # future unresolved for a loop that is still running.
-            rows = await asyncio.shield(self._model.run(self.run_batch, texts, policy))
+            args = (texts, policy) if progress is None else (texts, policy, progress)
+            rows = await asyncio.shield(self._model.run(self.run_batch, *args))
         except Exception as exc:
             for job in batch:
                 if not job.future.done():
@@ -293,14 +308,16 @@ class DynamicBatcher:
             return
         finally:
             self.metrics.running_rows = 0
+            for job in batch:
+                job.running, job.progress = False, None
+            if progress is not None:
+                self.metrics.cancelled_rows += progress.rows_dropped
         seconds = time.perf_counter() - started
         rate = len(texts) / max(seconds, 1e-6)
         self._rows_per_s = rate if self._rows_per_s == 0 else 0.8 * self._rows_per_s + 0.2 * rate
         start = 0
         for job in batch:
             stop = start + len(job.texts)
-            if job.future.done():  # cancelled while the batch ran
-                self.metrics.cancelled_running += 1
-            else:
+            if not job.future.done():  # else answered as its rows finished, or cancelled (counted then)
                 job.future.set_result((policy, self.split(rows, start, stop)))
             start = stop

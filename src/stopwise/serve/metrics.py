@@ -53,7 +53,8 @@ class Metrics:
         self.batches = 0
         self.rejected_full = 0  # refused because the queue was full
         self.dropped = 0  # requests whose client left before their batch ran: no model work was done
-        self.cancelled_running = 0  # clients that left while their batch ran: the work finished unread
+        self.cancelled_running = 0  # clients that left while their batch ran
+        self.cancelled_rows = 0  # texts of those clients dropped mid-batch: their later layers never ran
         self.expired = 0  # requests that waited past their deadline in the queue
         self.queue_rows = 0  # texts accepted and not yet in a batch
         self.running_rows = 0  # texts in the batch on the model now
@@ -85,6 +86,8 @@ class Metrics:
             ("dropped_total", "counter", self.dropped, "Requests dropped before running: their client disconnected."),
             ("cancelled_running_total", "counter", self.cancelled_running,
              "Requests whose client disconnected while their batch ran (answer discarded)."),
+            ("cancelled_rows_total", "counter", self.cancelled_rows,
+             "Texts dropped mid-batch because their client disconnected (their remaining layers not run)."),
             ("expired_total", "counter", self.expired, "Requests that waited in the queue past their deadline."),
             ("queue_depth", "gauge", self.queue_rows, "Texts accepted and waiting for a batch."),
             ("running_texts", "gauge", self.running_rows, "Texts in the batch running on the model."),
