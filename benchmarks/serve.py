@@ -1,6 +1,6 @@
 """Serving benchmark: `stopwise serve encoder` with early exit vs exits off vs a plain batched server.
 
-Heads are trained on BBC News articles (MiniLM-L6, max_length 48, document-wise train / cal / test
+Heads are trained on BBC News articles (MiniLM-L6, max_length 48 or --max-length, document-wise train / cal / test
 split), max_prob is certified for the gap at ε = 0.01, δ = 0.1 on the calibration split, and three
 servers run in subprocesses (the load generator does not share their GIL), each with one torch
 thread, on 127.0.0.1:
@@ -50,7 +50,7 @@ except ImportError:  # pragma: no cover
     Request = Any  # type: ignore[misc,assignment]
 
 ROOT = Path(__file__).resolve().parents[1]
-EPSILON, DELTA, MAX_LENGTH = 0.01, 0.1, 48
+EPSILON, DELTA, MAX_LENGTH = 0.01, 0.1, 48  # default --max-length
 CONCURRENCY = (1, 4, 16, 64)
 RATE_FACTORS = (0.5, 0.9, 1.5)
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": str(ROOT / "src")}
@@ -317,13 +317,14 @@ def drift_run(heads: Path, cert: Path, workdir: Path, bbc: list[str], champ: lis
 
 
 # -- main ------------------------------------------------------------------------------------
-def prepare(quick: bool) -> tuple[Path, Path, list[str], list[str], Any]:
-    """Heads and certificate, trained once and cached under $STOPWISE_CACHE/serve_bench (same recipe)."""
+def prepare(quick: bool, max_length: int) -> tuple[Path, Path, list[str], list[str], Any]:
+    """Heads and certificate, trained once and cached under $STOPWISE_CACHE/serve_bench[_L<max_length>]."""
     import stopwise as sw
     from stopwise.encoder import EarlyExitClassifier, data, recipes
 
     warnings.filterwarnings("ignore")
-    cache = Path(os.environ.get("STOPWISE_CACHE", Path.home() / ".cache" / "stopwise")) / "serve_bench"
+    root = Path(os.environ.get("STOPWISE_CACHE", Path.home() / ".cache" / "stopwise"))
+    cache = root / ("serve_bench" if max_length == MAX_LENGTH else f"serve_bench_L{max_length}")
     heads, cert_path, test_path = cache / "heads", cache / "certificate.json", cache / "test_texts.json"
     if test_path.is_file():
         log(f"cached heads and certificate from {cache}")
@@ -331,7 +332,7 @@ def prepare(quick: bool) -> tuple[Path, Path, list[str], list[str], Any]:
         test_texts = json.loads(test_path.read_text())
     else:
         log("training heads on BBC articles and certifying max_prob (gap, eps 0.01, delta 0.1)")
-        prep = recipes.prepare(data.bbc_news(), base="minilm", max_length=MAX_LENGTH, progress=False, pooling="mean")
+        prep = recipes.prepare(data.bbc_news(), base="minilm", max_length=max_length, progress=False, pooling="mean")
         cert = sw.calibrate(prep.trace("cal"), sw.make_rule("max_prob"), epsilon=EPSILON, delta=DELTA, risk="gap")
         prep.clf.certificate = cert
         prep.clf.save_pretrained(heads)
@@ -349,6 +350,8 @@ def main() -> None:
     ap.add_argument("--json", action="store_true", help="write benchmarks/results/serve.json and print it")
     ap.add_argument("--quick", action="store_true", help="short runs (< 3 minutes)")
     ap.add_argument("--seconds", type=float, default=None, help="seconds per load point (default 4, quick 2)")
+    ap.add_argument("--max-length", type=int, default=MAX_LENGTH,
+                    help=f"tokens per text (default {MAX_LENGTH}); heads and certificate are cached per value")
     ap.add_argument("--baseline-server", nargs=2, metavar=("HEADS", "PORT"), help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -362,7 +365,7 @@ def main() -> None:
     started = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        heads, cert_path, test_texts, champ_texts, clf = prepare(args.quick)
+        heads, cert_path, test_texts, champ_texts, clf = prepare(args.quick, args.max_length)
         texts = test_texts[:120] if args.quick else test_texts
         log(f"full-model reference for {len(champ_texts)} CHAMP texts (drift stream)")
         pred = clf.predict(champ_texts, batch_size=32)
@@ -397,7 +400,7 @@ def main() -> None:
            "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch_threads_per_server": 1},
            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "quick": args.quick,
            "seconds_per_point": seconds, "wall_s": time.time() - started, "n_texts": len(texts),
-           "epsilon": EPSILON, "delta": DELTA, "max_length": MAX_LENGTH,
+           "epsilon": EPSILON, "delta": DELTA, "max_length": args.max_length,
            "certificate": {k: cert[k] for k in ("certified", "lam", "mean_stages", "n_stages", "empirical_risk", "n")},
            "open_loop_rates": rates, "throughput_ratio_early_over_exits_off_closed": ratios,
            "lost_requests_errors_plus_unanswered": lost, "results": results, "drift": drift,
