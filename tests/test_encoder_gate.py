@@ -1,4 +1,5 @@
-"""The learned exit gate: same decisions offline and online, disjoint from calibration, valid."""
+"""The learned exit gate (logistic and 2-layer perceptron): same decisions offline and online,
+disjoint from calibration, valid."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import pytest
 
 import stopwise as sw
 from stopwise.encoder.gate import (
+    GATE_NAME,
     ExitGate,
     calibrate_gate,
     check_disjoint,
@@ -19,6 +21,7 @@ from stopwise.encoder.gate import (
     save_gate,
     train_gate,
 )
+from stopwise.encoder.gate_mlp import fit_mlp
 from stopwise.rules import halts_from_z
 from stopwise.synthetic import synthetic_trace
 from stopwise.trace import StageBatch, Trace
@@ -34,9 +37,11 @@ def parts() -> tuple[Trace, Trace]:
     return tr.split(1000, seed=0)
 
 
-@pytest.fixture(scope="module")
-def gate(parts: tuple[Trace, Trace]) -> ExitGate:
-    return train_gate(parts[0])
+@pytest.fixture(scope="module", params=["logistic", "mlp"])
+def gate(parts: tuple[Trace, Trace], request: pytest.FixtureRequest) -> ExitGate:
+    out = train_gate(parts[0]) if request.param == "logistic" else train_gate(parts[0], hidden=8, seed=0)
+    assert out.kind == request.param
+    return out
 
 
 def test_online_stopper_matches_offline_halts(gate: ExitGate, parts: tuple[Trace, Trace]) -> None:
@@ -120,11 +125,12 @@ def test_missing_features_name_the_value(gate: ExitGate, parts: tuple[Trace, Tra
         ExitGate(**{**gate.params(), "weights": [1.0]})
 
 
-def test_guarantee_holds_over_random_calibrations_and_naive_fails() -> None:
+@pytest.mark.parametrize("hidden", [None, 8])
+def test_guarantee_holds_over_random_calibrations_and_naive_fails(hidden: int | None) -> None:
     """MAPIE-style: over many calibration draws the gate's true gap (on a large fresh population)
     exceeds ε in at most δ (+ binomial slack) of them; picking λ by the empirical risk alone fails."""
     eps, delta, repeats, n_cal = 0.05, 0.1, 60, 400
-    gate = train_gate(synthetic_trace(1500, stages=6, classes=4, seed=11))
+    gate = train_gate(synthetic_trace(1500, stages=6, classes=4, seed=11), hidden=hidden)
     population = synthetic_trace(20000, stages=6, classes=4, seed=12)
     z, ref, lengths = gate.z(population), population.reference, population.lengths
     lams = np.linspace(0.5, 1.0, 101)
@@ -147,6 +153,56 @@ def test_guarantee_holds_over_random_calibrations_and_naive_fails() -> None:
     slack = 3 * np.sqrt(delta * (1 - delta) / repeats)
     assert violations / repeats <= delta + slack
     assert naive / repeats > delta + slack
+
+
+def test_mlp_fit_learns_what_a_linear_model_cannot() -> None:
+    """XOR of two signs: no linear logit beats chance, four tanh units fit it."""
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(2000, 2))
+    y = ((z[:, 0] > 0) ^ (z[:, 1] > 0)).astype(np.float64)
+    mlp = fit_mlp(z, y, hidden=4, l2=1e-2, seed=0)
+    logit = np.tanh(z @ mlp.hidden_weights + mlp.hidden_bias) @ mlp.weights + mlp.bias
+    assert np.mean((logit > 0) == (y > 0.5)) > 0.95
+
+
+def test_mlp_gate_is_deterministic_and_checks_its_options(parts: tuple[Trace, Trace]) -> None:
+    a, b = train_gate(parts[0], hidden=8, seed=0), train_gate(parts[0], hidden=8, seed=0)
+    assert a.params() == b.params()
+    c = train_gate(parts[0], hidden=8, seed=1)
+    assert c.params()["hidden_weights"] != a.params()["hidden_weights"]  # the seed draws the start
+    logistic = train_gate(parts[0])
+    assert "hidden_weights" not in logistic.params()  # a logistic gate's params are as before the MLP
+    with pytest.raises(sw.StopwiseError, match="The 'hidden' parameter of train_gate must be an int >= 1. Got 0"):
+        train_gate(parts[0], hidden=0)
+    with pytest.raises(sw.StopwiseError, match="The 'l2' parameter of train_gate must be a positive number. Got -1"):
+        train_gate(parts[0], hidden=4, l2=-1.0)
+
+
+def test_mlp_params_are_checked(parts: tuple[Trace, Trace]) -> None:
+    params = train_gate(parts[0], hidden=4).params()
+    with pytest.raises(sw.StopwiseError, match="The 'hidden_weights' parameter of ExitGate must be a finite 15 x units"):
+        ExitGate(**{**params, "hidden_weights": [[1.0] * 4] * 14})
+    with pytest.raises(sw.StopwiseError, match="The 'hidden_bias' parameter of ExitGate must be 4 finite numbers"):
+        ExitGate(**{**params, "hidden_bias": [0.0] * 3})
+    with pytest.raises(sw.StopwiseError, match="The 'weights' parameter of ExitGate must be 4 finite numbers \\(one per hidden unit"):
+        ExitGate(**{**params, "weights": [0.0] * 15})
+    with pytest.raises(sw.StopwiseError, match="The 'hidden_bias' parameter of ExitGate must be given together"):
+        ExitGate(**{k: v for k, v in params.items() if k != "hidden_weights"})
+
+
+def test_save_load_keeps_the_kind_and_the_decisions(gate: ExitGate, parts: tuple[Trace, Trace], tmp_path: Path) -> None:
+    save_gate(gate, tmp_path)
+    body = json.loads((tmp_path / GATE_NAME).read_text())
+    assert body["kind"] == gate.kind
+    loaded = load_gate(tmp_path, base_model="bert-6x8-abc", heads="h1")
+    assert loaded.kind == gate.kind
+    np.testing.assert_array_equal(loaded.z(parts[1]), gate.z(parts[1]))
+    for lam in (0.5, 0.8, 0.95):
+        np.testing.assert_array_equal(loaded.halts(parts[1], lam), gate.halts(parts[1], lam))
+    other = "mlp" if gate.kind == "logistic" else "logistic"
+    (tmp_path / GATE_NAME).write_text(json.dumps({**body, "kind": other}))
+    with pytest.raises(sw.StopwiseError, match=f"which make a '{gate.kind}' gate\\). Got '{other}' instead"):
+        load_gate(tmp_path, base_model="bert-6x8-abc", heads="h1")
 
 
 @pytest.mark.model
@@ -184,3 +240,79 @@ def test_gate_through_predict_and_save_pretrained(tmp_path: Path) -> None:
     assert load_gate(tmp_path, base_model=again.base_id, heads=again.heads_id).params() == gate.params()
     with pytest.raises(sw.StopwiseError, match="base_model"):
         load_gate(tmp_path, base_model="llama-30x576-000000000000", heads=again.heads_id)
+
+
+def _engine_round_trip(clf: object, texts: list[str], labels: np.ndarray, *, epsilon: float) -> None:
+    """Heads, then a logistic and an MLP gate on one third of the texts, each calibrated on another
+    third and predicted through the engine on those texts: the online exits equal ``rule.halts``
+    on the recorded trace."""
+    from stopwise.encoder import EarlyExitClassifier
+
+    assert isinstance(clf, EarlyExitClassifier)
+    third = len(texts) // 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        clf.fit(texts[:third], labels[:third], epochs=20, progress=False)
+        gate_trace = clf.record(texts[third : 2 * third], labels[third : 2 * third], progress=False)
+        cal_trace = clf.record(texts[2 * third :], labels[2 * third :], progress=False)
+    for hidden in (None, 4):
+        gate = train_gate(gate_trace, hidden=hidden)
+        assert gate.base_model == clf.base_id and gate.heads == clf.heads_id and gate.n_layers == clf.n_layers
+        with pytest.raises(sw.StopwiseError, match="calibration split must be disjoint"):
+            calibrate_gate(gate_trace, gate, epsilon=epsilon, delta=0.2)
+        cert = calibrate_gate(cal_trace, gate, epsilon=epsilon, delta=0.2)
+        assert cert.certified
+        offline = cert.make_rule().halts(cal_trace) + 1
+        assert offline.min() < clf.n_layers  # some rows exit early, so the comparison decides something
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            online = clf.predict(texts[2 * third :], certificate=cert, batch_size=4).exit_layer
+        np.testing.assert_array_equal(online, offline)
+
+
+@pytest.mark.model
+def test_gate_on_a_tiny_llama_decides_online_as_recorded() -> None:
+    """The decoder path of the engine (RMSNorm folded into mean pooling) with a random 3-layer
+    LLaMA, as SmolLM2 runs it, in seconds."""
+    torch = pytest.importorskip("torch")
+    tf = pytest.importorskip("transformers")
+    from stopwise.encoder import EarlyExitClassifier
+    from stopwise.encoder.data import bbc_news
+    from stopwise.hf.bundled import model_path
+
+    torch.set_num_threads(2)
+    cfg = tf.LlamaConfig(hidden_size=32, num_hidden_layers=3, intermediate_size=64, num_attention_heads=2,
+                         num_key_value_heads=1, vocab_size=30522)
+    torch.manual_seed(0)
+    model = tf.AutoModel.from_config(cfg).eval()
+    tokenizer = tf.AutoTokenizer.from_pretrained(model_path("minilm"))
+    data = bbc_news()
+    rows = np.random.default_rng(1).permutation(len(data))[:90]
+    clf = EarlyExitClassifier.from_base((model, tokenizer), class_names=data.class_names, max_length=16, pooling="mean")
+    _engine_round_trip(clf, [data.texts[i] for i in rows], data.labels[rows], epsilon=0.5)
+
+
+@pytest.mark.model
+@pytest.mark.slow
+def test_gate_on_smollm2_decides_online_as_recorded() -> None:
+    """SmolLM2-135M (30 layers) as a classifier: a handful of texts, logistic and MLP gates."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from stopwise.encoder import EarlyExitClassifier
+    from stopwise.encoder.data import bbc_news
+
+    torch.set_num_threads(2)
+    data = bbc_news()
+    rows = np.random.default_rng(2).permutation(len(data))[:45]
+    clf = EarlyExitClassifier.from_base("smollm2", class_names=data.class_names, max_length=16, pooling="mean")
+    _engine_round_trip(clf, [data.texts[i] for i in rows], data.labels[rows], epsilon=0.3)
+
+
+def test_lbfgs_reaches_the_minimum_of_a_convex_quadratic() -> None:
+    from stopwise.encoder.gate_mlp import lbfgs
+
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(20, 20))
+    hess, b = a @ a.T + np.eye(20), rng.normal(size=20)
+    x = lbfgs(lambda v: (float(0.5 * v @ hess @ v - b @ v), hess @ v - b), np.zeros(20), iterations=500, gtol=1e-10)
+    np.testing.assert_allclose(x, np.linalg.solve(hess, b), rtol=1e-6, atol=1e-8)
