@@ -85,6 +85,31 @@ def test_unknown_json_gets_a_generic_page_with_provenance(tmp_path: Path) -> Non
     assert "[stream](stream.md)" in (tmp_path / "out" / "index.md").read_text()
 
 
+def test_a_generic_page_shows_the_benchmarks_own_plot_shrunk(tmp_path: Path) -> None:
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "search.json").write_text(json.dumps({"command": "python benchmarks/search.py", "ratio": 0.9}))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(16, 5))
+    ax.plot(range(10))
+    fig.savefig(results / "search.png", dpi=150)  # 2400 px wide
+    plt.close(fig)
+    gen.render(results, tmp_path / "out")
+    page = (tmp_path / "out" / "search.md").read_text()
+    assert "![search](search.png)" in page and page.index("## Plot") < page.index("## All recorded values")
+    from PIL import Image
+
+    with Image.open(tmp_path / "out" / "search.png") as img:
+        assert img.width == gen.MAX_PNG_WIDTH
+    (tmp_path / "np").mkdir()  # without plots: the same page, no PNG written
+    assert gen.render_one(results / "search.json", tmp_path / "np", plots=False).read_text() == page
+    assert not (tmp_path / "np" / "search.png").exists()
+
+
 def test_known_renderers_are_chosen_and_plots_stay_small(tmp_path: Path) -> None:
     results = tmp_path / "results"
     results.mkdir()
