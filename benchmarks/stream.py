@@ -230,10 +230,8 @@ def run_text(*, n_train: int, n_pool: int, splits: int) -> dict[str, Any]:
         warnings.simplefilter("ignore")
         clf.fit(train.texts, train.labels, progress=False, epochs=60)
 
-    def final_head(texts: list[str]) -> np.ndarray:
-        return clf.probs_from_features(clf.features(texts, progress=False))[:, -1]
-
-    prefixes = TextPrefixes(final_head, classes=data.class_names, words_per_stage=8, n_stages=8)
+    # predict without a rule is the full model: the final head, the same values as the recorded one.
+    prefixes = TextPrefixes(lambda texts: clf.predict(texts).probs, classes=data.class_names, words_per_stage=8, n_stages=8)
     model = EarlyStreamClassifier(prefixes, epsilon=0.05)
     trace = model.record(pool.texts, pool.labels)
     assert trace.labels is not None and trace.reference is not None

@@ -1,8 +1,8 @@
 """Texts read as word streams: stage k holds the first ``words_per_stage * (k + 1)`` words.
 
 The classifier is any function from texts to class probabilities; for the encoder adapter's
-MiniLM heads: ``lambda texts: clf.probs_from_features(clf.features(texts))[:, -1]`` (this module
-does not import the encoder: adapters stay independent).
+MiniLM heads, the full model's: ``lambda texts: clf.predict(texts).probs`` (this module does not
+import the encoder: adapters stay independent).
 """
 
 from __future__ import annotations
