@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -124,3 +125,18 @@ def test_hash_answers_is_stable_and_maps_none_to_no_answer() -> None:
     assert ids[3] == NO_ANSWER
     assert (ids[:3] >= 0).all()
     assert hash_answers(["42"])[0] == ids[0]
+
+
+def test_tagged_json_files_are_read_or_refused_naming_the_path(tmp_path: Path) -> None:
+    from stopwise.core.jsonfile import read_tagged_json
+
+    good = tmp_path / "good.json"
+    good.write_text('{"format": "stopwise.x", "a": 1}')
+    assert read_tagged_json(good, fmt="stopwise.x", what="an x") == {"format": "stopwise.x", "a": 1}
+    cases = {"broken.json": b"{", "other.json": b'{"format": "y"}', "list.json": b"[1]", "binary.json": b"\xff\xfe{"}
+    for name, content in cases.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(StopwiseError, match=f"'{tmp_path / name}' is not"):
+            read_tagged_json(tmp_path / name, fmt="stopwise.x", what="an x")
+    with pytest.raises(StopwiseError, match="is not an x \\(format 'y', expected 'stopwise.x'\\)"):
+        read_tagged_json(tmp_path / "other.json", fmt="stopwise.x", what="an x")

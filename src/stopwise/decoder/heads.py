@@ -24,6 +24,7 @@ from torch import nn
 
 from stopwise._version import __version__
 from stopwise.core.errors import StopwiseError
+from stopwise.core.jsonfile import read_tagged_json
 from stopwise.decoder.backbone import Backbone
 
 FORMAT = "stopwise.decoder.heads"
@@ -170,12 +171,7 @@ class ExitHeads(nn.Module):
         path = Path(directory)
         if not (path / CONFIG_NAME).is_file() or not (path / WEIGHTS_NAME).is_file():
             raise StopwiseError(f"'{path}' holds no stopwise exit heads (expected {CONFIG_NAME} and {WEIGHTS_NAME}).")
-        try:
-            config = json.loads((path / CONFIG_NAME).read_text())
-        except json.JSONDecodeError as exc:
-            raise StopwiseError(f"'{path / CONFIG_NAME}' is not valid JSON: {exc}") from None
-        if not isinstance(config, dict) or config.get("format") != FORMAT:
-            raise StopwiseError(f"'{path / CONFIG_NAME}' is not a stopwise exit-head config (format {FORMAT!r}).")
+        config = read_tagged_json(path / CONFIG_NAME, fmt=FORMAT, what="a stopwise exit-head config")
         unknown = sorted(set(config) - CONFIG_KEYS)
         if unknown:
             warnings.warn(f"Ignoring unknown exit-head config keys {unknown} (written by a newer stopwise?).", stacklevel=2)

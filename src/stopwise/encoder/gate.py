@@ -33,6 +33,7 @@ import numpy as np
 from stopwise.core.calibrate import calibrate
 from stopwise.core.certificate import Certificate
 from stopwise.core.errors import StopwiseError, check_int, param_error
+from stopwise.core.jsonfile import read_tagged_json
 from stopwise.core.rules import Rule, register_rule
 from stopwise.core.trace import FloatArray, IntArray, StageBatch, Trace
 from stopwise.encoder.gate_mlp import MLPParams, fit_mlp, mlp_logit
@@ -322,12 +323,7 @@ def load_gate(directory: str | Path, *, base_model: str, heads: str | None = Non
     path = Path(directory) / GATE_NAME
     if not path.is_file():
         raise StopwiseError(f"'{path.parent}' holds no exit gate ({GATE_NAME}).")
-    try:
-        body = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise StopwiseError(f"'{path}' is not valid JSON: {exc}") from None
-    if not isinstance(body, dict) or body.get("format") != GATE_FORMAT:
-        raise StopwiseError(f"'{path}' is not a stopwise exit gate.")
+    body = read_tagged_json(path, fmt=GATE_FORMAT, what="a stopwise exit gate")
     params = dict(body["params"])
     for key, mine in (("base_model", base_model), ("heads", heads)):
         theirs = params.get(key)

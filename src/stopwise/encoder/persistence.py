@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 from typing import Any
 
 from stopwise.core.errors import StopwiseError
+from stopwise.core.jsonfile import read_tagged_json
 
 CONFIG_NAME = "stopwise_heads.json"
 WEIGHTS_NAME = "heads.safetensors"
@@ -35,12 +35,7 @@ def read_config(path: Path) -> dict[str, Any]:
     cfg_path = path / CONFIG_NAME
     if not cfg_path.is_file() or not (path / WEIGHTS_NAME).is_file():
         raise StopwiseError(f"'{path}' does not hold stopwise exit heads ({CONFIG_NAME} and {WEIGHTS_NAME}).")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise StopwiseError(f"'{cfg_path}' is not valid JSON: {exc}") from None
-    if not isinstance(cfg, dict) or cfg.get("format") != FORMAT:
-        raise StopwiseError(f"'{cfg_path}' is not a stopwise heads config (format {cfg.get('format') if isinstance(cfg, dict) else None!r}).")
+    cfg = read_tagged_json(cfg_path, fmt=FORMAT, what="a stopwise heads config")
     unknown = sorted(set(cfg) - CONFIG_KEYS)
     if unknown:
         warnings.warn(f"Ignoring unknown keys {unknown} in '{cfg_path}' (written by a newer stopwise?).", UserWarning, stacklevel=3)
