@@ -50,7 +50,7 @@ from transformers.trainer_callback import ExportableState
 
 import stopwise as sw
 from stopwise._errors import StopwiseError, check_choice
-from stopwise.training.monitor import RunMonitor, check_source
+from stopwise.training.monitor import build_monitor
 
 __all__ = ["StopwiseCallback"]
 
@@ -58,39 +58,6 @@ logger = logging.getLogger(__name__)
 RESTORE = ("memory", "checkpoint")
 #: Files of the in-memory best inside a Trainer checkpoint folder (restore_best="memory").
 BEST_WEIGHTS, BEST_MARKER = "stopwise_best.safetensors", "stopwise_best.json"
-
-
-def build_monitor(*, certificate: sw.Certificate | dict[str, Any] | None, rule: sw.Rule | dict[str, Any] | None,
-                  lam: float | None, patience: int | None, min_delta: float, monitor: str, mode: str,
-                  check_finite: bool, owner: str) -> RunMonitor:
-    """The :class:`RunMonitor` for exactly one of a certificate, a rule (+ λ) or a patience."""
-    given = [name for name, v in (("certificate", certificate), ("rule", rule), ("patience", patience)) if v is not None]
-    if len(given) != 1:
-        raise StopwiseError(f"{owner} takes exactly one of 'certificate' (calibrated), 'rule' (with its λ or 'lam') "
-                            f"or 'patience' (the uncalibrated baseline). Got {given or 'none'}.")
-    if lam is not None and rule is None:
-        raise StopwiseError(f"The 'lam' parameter of {owner} applies to 'rule' only (a certificate fixes its λ, "
-                            f"'patience' is its own). Got lam={lam!r} with {given[0]}.")
-    if min_delta != 0.0 and patience is None:
-        raise StopwiseError(f"The 'min_delta' parameter of {owner} applies to 'patience' only (a rule carries its own). "
-                            f"Got min_delta={min_delta!r} with {given[0]}.")
-    mode_ = check_choice(mode, "mode", owner, ("min", "max"))
-    if certificate is not None:
-        cert = sw.Certificate.from_dict(certificate) if isinstance(certificate, dict) else certificate
-        if not isinstance(cert, sw.Certificate):
-            raise StopwiseError(f"The 'certificate' parameter of {owner} must be a stopwise Certificate. "
-                                f"Got {type(certificate).__name__} instead.")
-        check_source(cert, monitor=monitor, mode=mode_, owner=owner)
-        return RunMonitor(certificate=cert, monitor=monitor, mode=mode_,  # type: ignore[arg-type]
-                          check_finite=check_finite)
-    if rule is not None:
-        obj = sw.make_rule(rule["name"], lam=rule.get("lam"), **rule.get("params", {})) if isinstance(rule, dict) else rule
-        # The λ rides on the rule, so that the monitor's reasons name it.
-        obj = obj if lam is None or not isinstance(obj, sw.Rule) else obj.with_lam(lam)
-        return RunMonitor(rule=obj, monitor=monitor, mode=mode_, check_finite=check_finite)  # type: ignore[arg-type]
-    assert patience is not None
-    return RunMonitor.patience(patience, min_delta=min_delta, monitor=monitor, mode=mode_,  # type: ignore[arg-type]
-                               check_finite=check_finite)
 
 
 class StopwiseCallback(TrainerCallback, ExportableState):

@@ -38,8 +38,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 
 import stopwise as sw
-from stopwise._errors import StopwiseError, check_choice
-from stopwise.training.monitor import RunMonitor, check_source
+from stopwise._errors import StopwiseError
+from stopwise.training.monitor import build_monitor
 
 __all__ = ["StopwiseEarlyStopping"]
 
@@ -67,31 +67,8 @@ class StopwiseEarlyStopping(Callback):
                  monitor: str = "val_loss", mode: Literal["min", "max"] = "min", check_finite: bool = True,
                  restore_best: bool = True) -> None:
         super().__init__()
-        given = [n for n, v in (("certificate", certificate), ("rule", rule), ("patience", patience)) if v is not None]
-        if len(given) != 1:
-            raise StopwiseError("StopwiseEarlyStopping takes exactly one of 'certificate' (calibrated), 'rule' (with "
-                                f"its λ or 'lam') or 'patience' (the uncalibrated baseline). Got {given or 'none'}.")
-        if lam is not None and rule is None:
-            raise StopwiseError(f"The 'lam' parameter of StopwiseEarlyStopping applies to 'rule' only. Got lam={lam!r} "
-                                f"with {given[0]}.")
-        if min_delta != 0.0 and patience is None:
-            raise StopwiseError("The 'min_delta' parameter of StopwiseEarlyStopping applies to 'patience' only (a rule "
-                                f"carries its own). Got min_delta={min_delta!r} with {given[0]}.")
-        mode_: Any = check_choice(mode, "mode", "StopwiseEarlyStopping", ("min", "max"))
-        if certificate is not None:
-            if not isinstance(certificate, sw.Certificate):
-                raise StopwiseError("The 'certificate' parameter of StopwiseEarlyStopping must be a stopwise "
-                                    f"Certificate. Got {type(certificate).__name__} instead.")
-            check_source(certificate, monitor=monitor, mode=mode_, owner="StopwiseEarlyStopping")
-            self.run = RunMonitor(certificate=certificate, monitor=monitor, mode=mode_, check_finite=check_finite)
-        elif rule is not None:
-            # The λ rides on the rule, so that the monitor's reasons name it.
-            rule = rule if lam is None or not isinstance(rule, sw.Rule) else rule.with_lam(lam)
-            self.run = RunMonitor(rule=rule, monitor=monitor, mode=mode_, check_finite=check_finite)
-        else:
-            assert patience is not None
-            self.run = RunMonitor.patience(patience, min_delta=min_delta, monitor=monitor, mode=mode_,
-                                           check_finite=check_finite)
+        self.run = build_monitor(certificate=certificate, rule=rule, lam=lam, patience=patience, min_delta=min_delta,
+                                 monitor=monitor, mode=mode, check_finite=check_finite, owner="StopwiseEarlyStopping")
         self.monitor, self.mode = monitor, self.run.mode
         self.restore_best = bool(restore_best)
         self.best_weights: dict[str, torch.Tensor] | None = None

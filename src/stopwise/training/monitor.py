@@ -36,7 +36,7 @@ from stopwise.training.rules import SCORE, EpochPatience
 Mode = Literal["min", "max"]
 MODES = ("min", "max")
 
-__all__ = ["MODES", "Mode", "RunMonitor", "check_source"]
+__all__ = ["MODES", "Mode", "RunMonitor", "build_monitor", "check_one_source", "check_source"]
 
 
 def check_source(certificate: sw.Certificate, *, monitor: str, mode: str | None, owner: str,
@@ -209,3 +209,44 @@ class RunMonitor:
 
 def _json_float(v: float) -> float | str:
     return v if math.isfinite(v) else str(v)
+
+
+def check_one_source(*, certificate: Any, rule: Any, lam: float | None, patience: int | None, min_delta: float,
+                     owner: str) -> str:
+    """Which of 'certificate', 'rule' or 'patience' a stopping callback was given (exactly one), with
+    ``lam`` only beside a rule and ``min_delta`` only beside a patience."""
+    given = [name for name, v in (("certificate", certificate), ("rule", rule), ("patience", patience)) if v is not None]
+    if len(given) != 1:
+        raise StopwiseError(f"{owner} takes exactly one of 'certificate' (calibrated), 'rule' (with its λ or 'lam') "
+                            f"or 'patience' (the uncalibrated baseline). Got {given or 'none'}.")
+    if lam is not None and rule is None:
+        raise StopwiseError(f"The 'lam' parameter of {owner} applies to 'rule' only (a certificate fixes its λ, "
+                            f"'patience' is its own). Got lam={lam!r} with {given[0]}.")
+    if min_delta != 0.0 and patience is None:
+        raise StopwiseError(f"The 'min_delta' parameter of {owner} applies to 'patience' only (a rule carries its own). "
+                            f"Got min_delta={min_delta!r} with {given[0]}.")
+    return given[0]
+
+
+def build_monitor(*, certificate: sw.Certificate | dict[str, Any] | None, rule: sw.Rule | dict[str, Any] | None,
+                  lam: float | None, patience: int | None, min_delta: float, monitor: str, mode: str,
+                  check_finite: bool, owner: str) -> RunMonitor:
+    """The :class:`RunMonitor` for exactly one of a certificate, a rule (+ λ) or a patience."""
+    check_one_source(certificate=certificate, rule=rule, lam=lam, patience=patience, min_delta=min_delta, owner=owner)
+    mode_ = check_choice(mode, "mode", owner, ("min", "max"))
+    if certificate is not None:
+        cert = sw.Certificate.from_dict(certificate) if isinstance(certificate, dict) else certificate
+        if not isinstance(cert, sw.Certificate):
+            raise StopwiseError(f"The 'certificate' parameter of {owner} must be a stopwise Certificate. "
+                                f"Got {type(certificate).__name__} instead.")
+        check_source(cert, monitor=monitor, mode=mode_, owner=owner)
+        return RunMonitor(certificate=cert, monitor=monitor, mode=mode_,  # type: ignore[arg-type]
+                          check_finite=check_finite)
+    if rule is not None:
+        obj = sw.make_rule(rule["name"], lam=rule.get("lam"), **rule.get("params", {})) if isinstance(rule, dict) else rule
+        # The λ rides on the rule, so that the monitor's reasons name it.
+        obj = obj if lam is None or not isinstance(obj, sw.Rule) else obj.with_lam(lam)
+        return RunMonitor(rule=obj, monitor=monitor, mode=mode_, check_finite=check_finite)  # type: ignore[arg-type]
+    assert patience is not None
+    return RunMonitor.patience(patience, min_delta=min_delta, monitor=monitor, mode=mode_,  # type: ignore[arg-type]
+                               check_finite=check_finite)

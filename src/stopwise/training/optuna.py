@@ -56,7 +56,7 @@ from optuna.trial import FrozenTrial, TrialState
 import stopwise as sw
 from stopwise._errors import StopwiseError, check_int
 from stopwise.training.curves import curves_to_trace
-from stopwise.training.monitor import check_source
+from stopwise.training.monitor import check_one_source, check_source
 from stopwise.training.rules import EpochPatience, PercentileStopping
 
 __all__ = ["CertifiedPruner"]
@@ -83,10 +83,8 @@ class CertifiedPruner(BasePruner):
     def __init__(self, *, certificate: sw.Certificate | None = None, rule: sw.Rule | None = None,
                  lam: float | None = None, patience: int | None = None, min_delta: float = 0.0,
                  monitor: str = "value", horizon: int | None = None, check_finite: bool = True) -> None:
-        given = [n for n, v in (("certificate", certificate), ("rule", rule), ("patience", patience)) if v is not None]
-        if len(given) != 1:
-            raise StopwiseError("CertifiedPruner takes exactly one of 'certificate' (calibrated), 'rule' (with its λ or "
-                                f"'lam') or 'patience' (the uncalibrated baseline). Got {given or 'none'}.")
+        check_one_source(certificate=certificate, rule=rule, lam=lam, patience=patience, min_delta=min_delta,
+                         owner="CertifiedPruner")
         if not isinstance(monitor, str) or not monitor:
             raise StopwiseError(f"The 'monitor' parameter of CertifiedPruner must be a non-empty str. Got {monitor!r} instead.")
         self.monitor = monitor
@@ -118,12 +116,6 @@ class CertifiedPruner(BasePruner):
             assert patience is not None
             self.rule, self.lam = EpochPatience(min_delta=min_delta, lam=patience), float(patience)
             check_int(patience, "patience", "CertifiedPruner", minimum=1)
-        if lam is not None and rule is None:
-            raise StopwiseError(f"The 'lam' parameter of CertifiedPruner applies to 'rule' only. Got lam={lam!r} with "
-                                f"{given[0]}.")
-        if min_delta != 0.0 and patience is None:
-            raise StopwiseError("The 'min_delta' parameter of CertifiedPruner applies to 'patience' only. Got "
-                                f"min_delta={min_delta!r} with {given[0]}.")
 
     @classmethod
     def percentile(cls, percentile: float = 50.0, *, lam: float = 0.0, warmup: int = 0, n_startup_trials: int = 5,
