@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 
@@ -42,3 +43,12 @@ def check_int(value: Any, name: str, owner: str, *, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int,)) or value < minimum:
         raise param_error(name, owner, f"an int >= {minimum}", value)
     return int(value)
+
+
+def check_directory(value: Any, name: str, owner: str, *, holding: str) -> Path:
+    """Return ``value`` as a Path to an existing directory or raise (``holding``: what it should hold)."""
+    path = Path(value)
+    if not path.is_dir():
+        raise StopwiseError(f"The '{name}' parameter of {owner} must be a directory of {holding}. Got "
+                            f"{str(path)!r}, which is not a directory, instead.")
+    return path

@@ -22,7 +22,7 @@ import ray
 import ray.data
 
 import stopwise as sw
-from stopwise._errors import StopwiseError, check_choice, check_int
+from stopwise._errors import StopwiseError, check_choice, check_directory, check_int
 
 COSTS = ("layers", "flops")
 
@@ -98,10 +98,7 @@ def record_traces(texts: Sequence[str], labels: Sequence[Any] | None = None, *, 
     """
     owner = "record_traces"
     texts, label_list = _check_texts(texts, labels)
-    heads = Path(heads_dir)
-    if not heads.is_dir():
-        raise StopwiseError(f"The 'heads_dir' parameter of {owner} must be a directory of saved exit heads. Got "
-                            f"{str(heads)!r}, which is not a directory, instead.")
+    heads = check_directory(heads_dir, "heads_dir", owner, holding="saved exit heads")
     batch_size = check_int(batch_size, "batch_size", owner, minimum=1)
     concurrency = check_int(concurrency, "concurrency", owner, minimum=1)
     inner_batch_size = check_int(inner_batch_size, "inner_batch_size", owner, minimum=1)

@@ -29,7 +29,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 import stopwise as sw
-from stopwise._errors import StopwiseError, check_int
+from stopwise._errors import StopwiseError, check_directory, check_int
 from stopwise.http.limits import DEFAULT_MAX_BODY_BYTES, BadJSON, error_body, read_json
 from stopwise.serve.app import certificate_id
 
@@ -204,10 +204,7 @@ def build_app(heads_dir: str | Path, *, base: str | Path | None = None, certific
     text (the bare model). ``num_cpus`` is what each of the ``num_replicas`` replicas reserves.
     """
     owner = "build_app"
-    heads = Path(heads_dir)
-    if not heads.is_dir():
-        raise StopwiseError(f"The 'heads_dir' parameter of {owner} must be a directory of saved exit heads. Got "
-                            f"{str(heads)!r}, which is not a directory, instead.")
+    heads = check_directory(heads_dir, "heads_dir", owner, holding="saved exit heads")
     max_batch_size = check_int(max_batch_size, "max_batch_size", owner, minimum=1)
     num_replicas = check_int(num_replicas, "num_replicas", owner, minimum=1)
     max_texts = check_int(max_texts, "max_texts", owner, minimum=1)
