@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import re
 import select
 import socket
@@ -485,3 +486,9 @@ def _swallow(call: Any) -> None:
         call()
     except httpx.HTTPError:
         pass
+
+
+def test_a_classifier_that_cannot_answer_rows_as_they_exit_is_said_so(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="stopwise.serve"):
+        create_app(FakeClassifier(), None)
+    assert "FakeClassifier.predict takes no 'on_exit' / 'cancelled'" in caplog.text

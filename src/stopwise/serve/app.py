@@ -21,6 +21,7 @@ import copy
 import hashlib
 import hmac
 import inspect
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -42,6 +43,7 @@ except ImportError:  # pragma: no cover - the 'serve' extra is not installed
     Request = Any  # type: ignore[misc,assignment]
 
 DISCONNECT_POLL_S = 0.05  # how often a waiting handler checks whether its client is still there
+LOG = logging.getLogger("stopwise.serve")
 
 
 def certificate_id(certificate: Any | None) -> str | None:
@@ -128,6 +130,9 @@ def create_app(classifier: Any, certificate: Any | None = None, *, max_batch_siz
 
     params = inspect.signature(classifier.predict).parameters
     progressive = "on_exit" in params and "cancelled" in params
+    if not progressive:
+        LOG.warning("%s.predict takes no 'on_exit' / 'cancelled': each request is answered when its whole batch "
+                    "is done, and a disconnected client's texts run to the end.", type(classifier).__name__)
 
     def live(texts: list[str], policy: Policy, progress: BatchProgress | None, where: np.ndarray | None) -> Any:
         """predict on ``texts``, rows ``where`` of the batch (None: all of them, in order)."""
