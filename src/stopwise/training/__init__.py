@@ -12,6 +12,7 @@ This package imports numpy only; the framework callbacks live in ``stopwise.trai
 
 from stopwise.training.conformal import ConformalEarlyStopping, ConformalEarlyStoppingRegressor
 from stopwise.training.curves import REGRET, CurveRecorder, curves_to_trace, read_run, scores_of, values_of
+from stopwise.training.learned import LearnedStopping, fit_learned_stopping, run_hashes
 from stopwise.training.monitor import RunMonitor
 from stopwise.training.risks import (
     certify,
@@ -26,9 +27,10 @@ from stopwise.training.rules import SCORE, CurveExtrapolation, EpochPatience, Pe
 
 __all__ = [
     "ConformalEarlyStopping", "ConformalEarlyStoppingRegressor",
-    "REGRET", "SCORE", "CurveExtrapolation", "CurveRecorder", "EpochPatience", "PercentileStopping", "PlateauGain",
-    "RunMonitor",
-    "certify", "certify_pruning", "check_certificate", "curves_to_trace", "pruning_grid", "pruning_trace", "read_run",
+    "REGRET", "SCORE", "CurveExtrapolation", "CurveRecorder", "EpochPatience", "LearnedStopping", "PercentileStopping",
+    "PlateauGain", "RunMonitor",
+    "certify", "certify_pruning", "check_certificate", "curves_to_trace", "fit_learned_stopping", "pruning_grid",
+    "pruning_trace", "read_run", "run_hashes",
     "regret_at", "regret_risk",
     "scores_of", "values_of",
 ]

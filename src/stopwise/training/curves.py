@@ -48,7 +48,7 @@ def _runs(curves: Curves) -> list[FloatArray]:
 def curves_to_trace(curves: Curves, *, mode: Literal["min", "max"], monitor: str, population: str,
                     cost: Sequence[float] | FloatArray | None = None, bound: float = 1.0,
                     on_nonfinite: Literal["raise", "truncate"] = "raise", allow_ragged: bool = False,
-                    meta: Mapping[str, Any] | None = None) -> sw.Trace:
+                    meta: Mapping[str, Any] | None = None, aux: Mapping[str, Curves] | None = None) -> sw.Trace:
     """Turn learning curves (one metric sequence per run) into a trace.
 
     Args:
@@ -60,6 +60,10 @@ def curves_to_trace(curves: Curves, *, mode: Literal["min", "max"], monitor: str
         bound: the largest regret, in the metric's units (1 for accuracies).
         on_nonfinite: a NaN or inf (a diverged run) raises, or ends that run just before it.
         allow_ragged: accept runs of unequal length (shorter runs are masked); else raise.
+        aux: other metrics recorded at the same evaluations (e.g. ``{"val_loss": ...}`` beside a
+            monitored accuracy), kept as signals of those names for rules that read them
+            (:class:`~stopwise.training.learned.LearnedStopping`); each run must have as many
+            values as its monitored run, and a non-finite one ends the run like the monitor's.
     """
     mode = check_choice(mode, "mode", "curves_to_trace", ("min", "max"))  # type: ignore[assignment]
     on_nonfinite = check_choice(on_nonfinite, "on_nonfinite", "curves_to_trace", ("raise", "truncate"))  # type: ignore[assignment]
@@ -68,13 +72,17 @@ def curves_to_trace(curves: Curves, *, mode: Literal["min", "max"], monitor: str
     runs = _runs(curves)
     if not runs:
         raise StopwiseError("The 'curves' parameter of curves_to_trace holds no run.")
+    extra = _aux_runs(aux, runs)
     for i, run in enumerate(runs):
-        bad = np.flatnonzero(~np.isfinite(run))
-        if bad.size and on_nonfinite == "raise":
-            raise StopwiseError(f"Run {i} has {monitor} = {run[bad[0]]} at evaluation {int(bad[0])} (a diverged run). "
-                                "Pass on_nonfinite='truncate' to end such runs before their first non-finite value.")
-        if bad.size:
-            runs[i] = run[: bad[0]]
+        for name, values in ((monitor, run), *((a, r[i]) for a, r in extra.items())):
+            bad = np.flatnonzero(~np.isfinite(values))
+            if bad.size and on_nonfinite == "raise":
+                raise StopwiseError(f"Run {i} has {name} = {values[bad[0]]} at evaluation {int(bad[0])} (a diverged run). "
+                                    "Pass on_nonfinite='truncate' to end such runs before their first non-finite value.")
+            if bad.size:
+                runs[i] = runs[i][: min(bad[0], runs[i].size)]
+        for r in extra.values():
+            r[i] = r[i][: runs[i].size]
         if runs[i].size == 0:
             raise StopwiseError(f"Run {i} has no evaluation (before its first non-finite value).")
     lengths = np.array([r.size for r in runs])
@@ -100,8 +108,36 @@ def curves_to_trace(curves: Curves, *, mode: Literal["min", "max"], monitor: str
     preds = _first_best(filled, best, mask)
     info = {"monitor": monitor, "mode": mode, "model": population, "task_format": TASK_FORMAT,
             "regret_bound": float(bound), **dict(meta or {})}
+    signals = {SCORE: np.where(mask, score, 0.0), REGRET: regret}
+    for name, r in extra.items():
+        values = np.zeros((n, k))
+        for i, run in enumerate(r):
+            values[i, : run.size] = run
+        signals[name] = values
     return sw.Trace(predictions=preds, mask=mask, cost=None if cost is None else np.asarray(cost, dtype=np.float64),
-                    signals={SCORE: np.where(mask, score, 0.0), REGRET: regret}, meta=info)
+                    signals=signals, meta=info)
+
+
+def _aux_runs(aux: Mapping[str, Curves] | None, runs: list[FloatArray]) -> dict[str, list[FloatArray]]:
+    if aux is None:
+        return {}
+    if not isinstance(aux, Mapping):
+        raise StopwiseError(f"The 'aux' parameter of curves_to_trace must be a mapping of metric name to curves. "
+                            f"Got {type(aux).__name__} instead.")
+    out = {}
+    for name, curves in aux.items():
+        if not isinstance(name, str) or not name or name in (SCORE, REGRET):
+            raise StopwiseError(f"The names in 'aux' of curves_to_trace must be metric names other than {SCORE!r} and "
+                                f"{REGRET!r}. Got {name!r} instead.")
+        r = _runs(curves)
+        if len(r) != len(runs):
+            raise StopwiseError(f"The aux metric {name!r} has {len(r)} runs; the monitored curves have {len(runs)}.")
+        for i, (a, m) in enumerate(zip(r, runs, strict=True)):
+            if a.size != m.size:
+                raise StopwiseError(f"Run {i} has {a.size} values of the aux metric {name!r} but {m.size} of the "
+                                    "monitored metric: record both at the same evaluations.")
+        out[name] = r
+    return out
 
 
 def _first_best(filled: FloatArray, best: FloatArray, mask: np.ndarray) -> np.ndarray:

@@ -83,6 +83,10 @@ def certify(trace: sw.Trace, rule: sw.Rule, *, epsilon: float, delta: float = 0.
         raise CalibrationError(f"The calibration set is too small: n = {trace.n} runs, but certifying a mean regret "
                                f"<= ε = {epsilon:g} at δ = {delta:g} needs at least n = {floor} runs with any p-value "
                                "(record more runs or ask for a larger ε).")
+    # A learned rule must not be calibrated on the runs it was fitted on (LearnedStopping says which).
+    check = getattr(rule, "check_calibration", None)
+    if callable(check):
+        check(trace)
     try:
         cert = sw.calibrate(trace, rule, epsilon=epsilon / bound, delta=delta, risk=regret_risk(), pvalue=pvalue,
                             **kwargs)
