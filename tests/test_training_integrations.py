@@ -331,6 +331,31 @@ def test_hf_trainer_stops_by_certificate_and_restores_best(embeddings: tuple[Any
 
 
 @pytest.mark.model
+def test_hf_trainer_feeds_aux_metrics_to_a_learned_rule(embeddings: tuple[Any, Any], tmp_path: Path) -> None:
+    from stopwise.training import fit_learned_stopping
+    from stopwise.training.hf import StopwiseCallback
+
+    curves = _record_population(*embeddings, range(64))
+    population = curves_to_trace(curves, mode="min", monitor="eval_loss", population="minilm-bbc-head", bound=2.0,
+                                 aux={"eval_loss": curves})
+    rule = fit_learned_stopping(population, aux=["eval_loss"], log_aux=["eval_loss"], rounds=30, min_leaf=10)
+    lam = float(np.quantile(-rule.z(population)[:, 8], 0.9))  # most runs can stop by evaluation 8
+    cb = StopwiseCallback(rule=rule, lam=lam, monitor="eval_loss", mode="min")
+    trainer = _trainer(*embeddings, 7, cb, tmp_path)
+    trainer.train()
+    curve = read_run(trainer.state.log_history, monitor="eval_loss")
+    assert len(curve) < K
+    offline = rule.with_lam(lam).halts(curves_to_trace([curve], mode="min", monitor="eval_loss", population="x",
+                                                       bound=2.0, aux={"eval_loss": [curve]}))
+    assert int(offline[0]) == len(curve) - 1  # it stopped where the rule fires offline on the same values
+    assert cb.run.aux_history == {"eval_loss": curve}
+    other = fit_learned_stopping(curves_to_trace(curves, mode="min", monitor="eval_loss", population="p", bound=2.0,
+                                                 aux={"eval_accuracy": 1.0 - curves / 4}), aux=["eval_accuracy"], rounds=2)
+    with pytest.raises(sw.StopwiseError, match="reads \\['eval_accuracy'\\] beside 'eval_loss'"):
+        _trainer(*embeddings, 3, StopwiseCallback(rule=other, lam=0.0, monitor="eval_loss", mode="min"), tmp_path).train()
+
+
+@pytest.mark.model
 def test_hf_patience_baseline_and_bad_inputs(embeddings: tuple[Any, Any], hf_certificate: sw.Certificate,
                                              tmp_path: Path) -> None:
     from transformers import TrainerControl, TrainerState, TrainingArguments

@@ -165,8 +165,13 @@ class StopwiseCallback(TrainerCallback, ExportableState):
         value = metrics[name]
         if isinstance(value, torch.Tensor):
             value = float(value.item())
+        missing = [a for a in self.run.aux if a not in metrics]
+        if missing:
+            raise StopwiseError(f"StopwiseCallback's rule reads {missing} beside {name!r}, which the evaluation metrics lack. "
+                                f"Available keys: {sorted(metrics)}.")
+        aux = {a: _number(metrics[a]) for a in self.run.aux}
         before = self.run.best_stage
-        stop = self.run.step(value)
+        stop = self.run.step(value, aux=aux)
         if self.run.best_stage != before:
             self.best_step = state.global_step
             if self.restore_best == "memory" and model is not None:
@@ -267,6 +272,11 @@ class StopwiseCallback(TrainerCallback, ExportableState):
 def _checkpoint(args: TrainingArguments, step: int) -> str:
     # The folder Trainer._save_checkpoint writes outside a hyperparameter search.
     return os.path.join(str(args.output_dir), f"checkpoint-{step}")
+
+
+def _number(value: Any) -> Any:
+    """A metric as a float when HF logged a tensor (RunMonitor checks the rest)."""
+    return float(value.item()) if isinstance(value, torch.Tensor) else value
 
 
 def _other_eval_set(metrics: dict[str, float], name: str) -> str | None:

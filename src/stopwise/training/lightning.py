@@ -103,8 +103,13 @@ class StopwiseEarlyStopping(Callback):
             raise StopwiseError(f"StopwiseEarlyStopping monitors {self.monitor!r}, which must be a scalar. Got a tensor of "
                                 f"shape {tuple(current.shape)} instead.")
         value = float(current.detach().cpu().item())
+        missing = [a for a in self.run.aux if a not in logs]
+        if missing:
+            raise StopwiseError(f"StopwiseEarlyStopping's rule reads {missing} beside {self.monitor!r}, which are not "
+                                f"among the logged metrics. Available keys: {sorted(logs)}.")
+        aux = {a: float(logs[a].detach().cpu().item()) for a in self.run.aux}
         before = self.run.best_stage
-        stop = self.run.step(value)
+        stop = self.run.step(value, aux=aux)
         if self.run.best_stage != before:
             self.best_epoch, self.best_step = trainer.current_epoch, trainer.global_step
             if self.restore_best:

@@ -23,6 +23,7 @@ so ``step`` stops exactly where the offline ``rule.halts(trace, lam)`` does on t
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import numpy as np
@@ -114,19 +115,30 @@ class RunMonitor:
         self.best_stage = -1
         self.reason = ""
         self.history: list[float] = []
+        self.aux_history: dict[str, list[float]] = {name: [] for name in self.aux}
         self._stopper = self.rule.stopper(n=1, lam=self.lam) if self.lam != math.inf else None
 
-    def step(self, value: float) -> bool:
+    @property
+    def aux(self) -> list[str]:
+        """The other metrics the rule reads beside the monitored one (``RunMonitor.step``'s ``aux``)."""
+        return list(getattr(self.rule, "aux", []))
+
+    def step(self, value: float, *, aux: Mapping[str, float] | None = None) -> bool:
         """Fold in the next evaluation of the metric; True once the run should stop.
 
+        ``aux`` gives this evaluation's other metrics that the rule reads (:attr:`aux`, e.g.
+        ``{"val_loss": 0.31}`` for a :class:`~stopwise.training.LearnedStopping` fitted with them).
         After a stop further calls change nothing and return True."""
         if self.stopped:
             return True
         if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
             raise StopwiseError(f"The 'value' parameter of RunMonitor.step must be a number. Got {value!r} instead.")
+        extra = self._aux_values(aux)
         value = float(value)
         k = self.stage
         self.history.append(value)
+        for name, v in extra.items():
+            self.aux_history[name].append(v)
         self.stage += 1
         if not math.isfinite(value):
             if self.check_finite:
@@ -138,13 +150,37 @@ class RunMonitor:
         last = self.horizon is not None and k >= self.horizon - 1
         if self._stopper is None:
             return self._stop(self._horizon_reason(k)) if last else False
-        batch = StageBatch(index=k, predictions=np.zeros(1, dtype=np.int64), signals={SCORE: np.array([score])})
+        if not all(math.isfinite(v) for v in extra.values()):
+            bad = next(name for name, v in extra.items() if not math.isfinite(v))
+            if self.check_finite:
+                return self._stop(f"{bad} became {extra[bad]} at evaluation {k}: diverged")
+            return self._decide_nonfinite(k)
+        signals = {SCORE: np.array([score]), **{name: np.array([v]) for name, v in extra.items()}}
+        batch = StageBatch(index=k, predictions=np.zeros(1, dtype=np.int64), signals=signals)
         fired = bool(self._stopper.step(batch)[0])
         if fired:
             return self._stop(self._fired_reason(k))
         if last:
             return self._stop(self._horizon_reason(k))
         return False
+
+    def _aux_values(self, aux: Mapping[str, float] | None) -> dict[str, float]:
+        need = self.aux
+        given = {} if aux is None else aux
+        if not isinstance(given, Mapping):
+            raise StopwiseError(f"The 'aux' parameter of RunMonitor.step must be a mapping of metric name to value. "
+                                f"Got {type(aux).__name__} instead.")
+        missing = [name for name in need if name not in given]
+        if missing:
+            raise StopwiseError(f"The rule {self.rule.name!r} reads the metric(s) {missing} beside {self.monitor!r}: pass "
+                                f"them as RunMonitor.step(value, aux={{...}}). Got aux keys {sorted(given)}.")
+        out = {}
+        for name in need:
+            v = given[name]
+            if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+                raise StopwiseError(f"The aux metric {name!r} given to RunMonitor.step must be a number. Got {v!r} instead.")
+            out[name] = float(v)
+        return out
 
     def _decide_nonfinite(self, k: int) -> bool:
         # With the check off a NaN is a stage that tells the rule nothing: it keeps training until
@@ -181,7 +217,9 @@ class RunMonitor:
         """A JSON-able snapshot (the values seen so far); :meth:`load_state_dict` replays them."""
         return {"monitor": self.monitor, "mode": self.mode, "rule": self.rule.to_config(),
                 "lam": None if self.lam is None else _json_float(self.lam),
-                "history": [_json_float(v) for v in self.history], "stopped": self.stopped, "reason": self.reason}
+                "history": [_json_float(v) for v in self.history], "stopped": self.stopped, "reason": self.reason,
+                **({"aux_history": {k: [_json_float(v) for v in vs] for k, vs in self.aux_history.items()}}
+                   if self.aux else {})}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a snapshot taken by :meth:`state_dict` on a monitor built the same way."""
@@ -195,9 +233,13 @@ class RunMonitor:
                 raise StopwiseError(f"The saved monitor state has {key} = {state[key]!r}, but this RunMonitor has "
                                     f"{key} = {mine!r}: build the monitor as it was when saved.")
         self.reset()
+        saved_aux = state.get("aux_history", {})
+        if any(len(saved_aux.get(name, ())) != len(state["history"]) for name in self.aux):
+            raise StopwiseError(f"The saved monitor state lacks the history of the aux metric(s) {self.aux} that the "
+                                "rule reads; it was saved by another rule.")
         # Replaying the values through step() rebuilds the stopper's state with the same code.
-        for v in state["history"]:
-            self.step(float(v))
+        for i, v in enumerate(state["history"]):
+            self.step(float(v), aux={name: float(saved_aux[name][i]) for name in self.aux} if self.aux else None)
         if bool(state.get("stopped", False)) != self.stopped:
             raise StopwiseError("The saved monitor state does not replay to the same decision; it was saved by "
                                 "another rule or version.")

@@ -116,6 +116,11 @@ class CertifiedPruner(BasePruner):
             assert patience is not None
             self.rule, self.lam = EpochPatience(min_delta=min_delta, lam=patience), float(patience)
             check_int(patience, "patience", "CertifiedPruner", minimum=1)
+        aux = list(getattr(self.rule, "aux", ()))
+        if aux:
+            raise StopwiseError(f"The rule {self.rule.name!r} given to CertifiedPruner reads the metric(s) "
+                                f"{aux} beside the objective, but an Optuna trial reports one "
+                                "value per step. Fit it without aux metrics (fit_learned_stopping(..., aux=())).")
 
     @classmethod
     def percentile(cls, percentile: float = 50.0, *, lam: float = 0.0, warmup: int = 0, n_startup_trials: int = 5,
