@@ -212,8 +212,9 @@ def training(data: dict[str, Any], stem: str, out: Path, plots: bool) -> Page:
                  "The oracle stops every run at its best evaluation (zero regret), so a rule allowed "
                  "a regret of ε can save more.", ""]
         for eps, res in coll["per_epsilon"].items():
-            rows: list[list[Any]] = [["certified", *(res["certified"].get(k) for k in
-                                      ("compute_saved", "regret", "regret_p90", "violations"))]]
+            rows: list[list[Any]] = [[key.replace("_", " "), *(res[key].get(k) for k in
+                                      ("compute_saved", "regret", "regret_p90", "violations"))]
+                                     for key in ("certified", "certified_learned") if key in res]
             rows += [[b, *(v.get(k) for k in ("compute_saved", "regret", "regret_p90", "violations"))]
                      for b, v in res["baselines"].items()]
             o = res["oracle"]
@@ -226,7 +227,9 @@ def training(data: dict[str, Any], stem: str, out: Path, plots: bool) -> Page:
             eps = sorted(coll["per_epsilon"], key=float)
             xs = [float(e) for e in eps]
             per = [coll["per_epsilon"][e] for e in eps]
-            ax.plot(xs, [p["certified"]["compute_saved"] for p in per], marker="o", lw=1.5, label="certified")
+            for key in ("certified", "certified_learned"):
+                if key in per[0]:
+                    ax.plot(xs, [p[key]["compute_saved"] for p in per], marker="o", lw=1.5, label=key.replace("_", " "))
             for b in per[0]["baselines"]:
                 ax.plot(xs, [p["baselines"][b]["compute_saved"] for p in per], lw=0.8, ls=":", label=b)
             ax.plot(xs, [p["oracle"]["compute_saved"] for p in per], color="black", ls="--", lw=1,
