@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.nn import functional as F
 
 from stopwise.core.errors import StopwiseError
 
@@ -66,6 +67,14 @@ def to_numpy(probs: torch.Tensor) -> np.ndarray:
     """Head probabilities as traces hold them (float64)."""
     out: np.ndarray = probs.double().numpy()
     return out
+
+
+def saturation(current: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
+    """(rows,) float32 cosine between each row's pooled state at one layer and at the one before,
+    CALM's "saturation" signal (Schuster et al., 2022). Both are cast to float32 first, as
+    :meth:`~stopwise.encoder.EarlyExitClassifier.features` stores them, so that the recorded
+    signal and the online one are computed from the same values by the same op."""
+    return F.cosine_similarity(current.float(), previous.float(), dim=-1)
 
 
 def check_class_names(names: Any) -> tuple[str, ...]:

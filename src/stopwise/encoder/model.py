@@ -28,7 +28,7 @@ from stopwise.core.certificate import Certificate
 from stopwise.core.errors import StopwiseError, check_choice
 from stopwise.core.rules import Rule, make_rule
 from stopwise.core.trace import Trace
-from stopwise.encoder.batches import Encoded, Prediction
+from stopwise.encoder.batches import Encoded, Prediction, saturation, to_numpy
 from stopwise.encoder.exits import POOLINGS
 from stopwise.encoder.heads import train_heads
 from stopwise.encoder.persistence import (
@@ -103,9 +103,24 @@ class EarlyExitClassifier(EarlyExitPredictor):
         out: np.ndarray = np.stack([F.softmax(self.heads.logits(k, features[:, k]), dim=-1).numpy()
                                     for k in range(self.n_layers)], axis=1)
         return out
+    @staticmethod
+    @torch.inference_mode()
+    def saturation_from_features(features: torch.Tensor) -> np.ndarray:
+        """(n, L) float64 saturation of cached features (see :meth:`trace_from_features`): one
+        cosine per row and layer, layer by layer as :meth:`predict` computes it."""
+        out = np.zeros(features.shape[:2], dtype=np.float64)
+        for k in range(1, features.shape[1]):
+            out[:, k] = to_numpy(saturation(features[:, k], features[:, k - 1]))
+        return out
+
     def trace_from_features(self, features: torch.Tensor, labels: Any = None, *, n_tokens: np.ndarray | None = None,
                             cost: str = "layers", meta: dict[str, Any] | None = None) -> Trace:
-        """A trace from cached features (what :meth:`record` does after its forward pass)."""
+        """A trace from cached features (what :meth:`record` does after its forward pass).
+
+        Besides the heads' probabilities it records ``signals["saturation"]`` (n, L) float64:
+        the cosine between the pooled state of layer k and of layer k - 1 (CALM's saturation,
+        Schuster et al., 2022), 0.0 at layer 1, which has no previous state. :meth:`predict`
+        passes the same values online to a rule that reads them (:func:`~stopwise.encoder.predict.reads_signal`)."""
         self._require_fitted()
         cost = check_choice(cost, "cost", "EarlyExitClassifier.record", COSTS)
         probs = self.probs_from_features(features)
@@ -123,6 +138,7 @@ class EarlyExitClassifier(EarlyExitPredictor):
             cost=cost_arr,
             labels=None if labels is None else self._labels(labels, n),
             stage_names=tuple(f"layer_{k + 1}" for k in range(self.n_layers)),
+            signals={"saturation": self.saturation_from_features(features)},
             meta={**self.identity(), "cost": cost, **(meta or {})},
         )
 

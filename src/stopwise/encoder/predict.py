@@ -21,7 +21,7 @@ from stopwise.core.errors import StopwiseError, check_choice, check_int
 from stopwise.core.rules import Rule, make_rule
 from stopwise.core.trace import StageBatch
 from stopwise.encoder.backbone import BatchState
-from stopwise.encoder.batches import LONE_ROW, Encoded, Prediction, to_numpy, unpadded_batch
+from stopwise.encoder.batches import LONE_ROW, Encoded, Prediction, saturation, to_numpy, unpadded_batch
 from stopwise.encoder.decider import lone_row_decider, snapshot
 from stopwise.encoder.exits import ExitsOnBackbone
 from stopwise.encoder.progress import CancellablePrediction, ExitedRows, Watch, drop_stopper_rows
@@ -29,10 +29,30 @@ from stopwise.encoder.progress import CancellablePrediction, ExitedRows, Watch, 
 #: Batches that advance layer by layer together in predict by default (in_flight = this × batch_size).
 IN_FLIGHT_BATCHES = 4
 COSTS = ("layers", "flops")
+#: The per-stage signal predict computes online (see :func:`reads_signal`).
+SATURATION = "saturation"
+
+
+def reads_signal(rule: Rule, name: str) -> bool:
+    """Whether ``rule`` declares that it reads the signal ``name``: a ``signal`` attribute equal
+    to it (:class:`~stopwise.Signal`, :class:`~stopwise.Saturation`) or a ``signals`` list
+    holding it (:class:`~stopwise.encoder.gate.ExitGate`), itself or in the rules it wraps
+    (``rules``, ``rule``: AnyOf, AllOf, MinStage, StageThresholds). Predict computes the
+    saturation cosine only for such a rule, so that one reading none does not pay for it."""
+    if getattr(rule, "signal", None) == name:
+        return True
+    declared = getattr(rule, "signals", None)
+    if isinstance(declared, (list, tuple, set, frozenset)) and name in declared:
+        return True
+    inner = [*getattr(rule, "rules", ()), getattr(rule, "rule", None)]
+    return any(isinstance(r, Rule) and reads_signal(r, name) for r in inner)
 
 
 class EarlyExitPredictor(ExitsOnBackbone):
     """The ``predict`` loop over exit heads on a frozen transformer; see the module docstring."""
+
+    #: The probabilities of head k from its pooled input, made by :meth:`_head_fn` with its head.
+    _from_pooled: Callable[[int, torch.Tensor], torch.Tensor] | None = None
 
     def _stopper_rule(self, rule: Any, certificate: Certificate | None, heads_key: tuple[int, ...]) -> Rule | None:
         if certificate is not None:
@@ -152,15 +172,18 @@ class EarlyExitPredictor(ExitsOnBackbone):
         folded = self.heads.folded(heads_key)
         dtype = self.heads.dtype
 
-        def head(k: int, state: BatchState) -> torch.Tensor:
-            pooled = self._pooled(k, state)
+        def from_pooled(k: int, pooled: torch.Tensor) -> torch.Tensor:
             if folded is None:
                 logits = self.heads.logits(k, pooled)
             else:
                 logits = F.linear(pooled if pooled.dtype == dtype else pooled.to(dtype), *folded[k])
             return F.softmax(logits, dim=-1)
 
+        def head(k: int, state: BatchState) -> torch.Tensor:
+            return from_pooled(k, self._pooled(k, state))
+
         self._head = (self.heads, heads_key, head)
+        self._from_pooled = from_pooled
         return head
 
     def _predict_group(self, group: list[tuple[np.ndarray, torch.Tensor, torch.Tensor, bool]], rule: Rule | None,
@@ -179,6 +202,10 @@ class EarlyExitPredictor(ExitsOnBackbone):
         lives = [np.asarray(rows) for rows, *_ in group]
         last = self.n_layers - 1
         stopper = None if rule is None else rule.stopper(sum(len(live) for live in lives))
+        # The previous layer's pooled states of the live rows (in the stopper's order), kept only
+        # for a rule that reads the saturation signal.
+        sat = rule is not None and reads_signal(rule, SATURATION)
+        prev: torch.Tensor | None = None
         for k in range(self.n_layers):
             keep = None if watch is None else watch.keep_mask(lives, k)
             if keep is not None:
@@ -186,6 +213,8 @@ class EarlyExitPredictor(ExitsOnBackbone):
                     return
                 if stopper is not None:
                     drop_stopper_rows(stopper, keep)
+                if prev is not None:
+                    prev = prev[torch.as_tensor(keep)]
                 states, lives = self._shrink(states, lives, keep, batch_size)
             for state, live in zip(states, lives, strict=True):
                 self.backbone.layer(k, state)
@@ -193,11 +222,15 @@ class EarlyExitPredictor(ExitsOnBackbone):
                     calls.append(len(live))
             if stopper is None and k < last:
                 continue  # full model: only the final head is read
-            # One batch (always so at batch 1): no concatenation, each is a copy and an op.
-            p = to_numpy(head(k, states[0])) if len(states) == 1 else np.concatenate([to_numpy(head(k, st)) for st in states])
+            signals: dict[str, np.ndarray] = {}
+            if sat:
+                p, prev, signals[SATURATION] = self._saturated_step(k, states, prev)
+            else:
+                # One batch (always so at batch 1): no concatenation, each is a copy and an op.
+                p = to_numpy(head(k, states[0])) if len(states) == 1 else np.concatenate([to_numpy(head(k, st)) for st in states])
             live_all = lives[0] if len(lives) == 1 else np.concatenate(lives)
             stop = np.ones(len(live_all), bool) if stopper is None else stopper.step(
-                StageBatch(index=k, predictions=p.argmax(axis=1), probs=p), last=k == last)
+                StageBatch(index=k, predictions=p.argmax(axis=1), probs=p, signals=signals), last=k == last)
             if stop.all():
                 preds[live_all], probs[live_all], exit_layer[live_all] = p.argmax(axis=1), p, k + 1
                 if watch is not None:
@@ -208,7 +241,22 @@ class EarlyExitPredictor(ExitsOnBackbone):
                 preds[gone], probs[gone], exit_layer[gone] = p[stop].argmax(axis=1), p[stop], k + 1
                 if watch is not None:
                     watch.exited(gone, preds[gone], probs[gone], k + 1)
+                if prev is not None:
+                    prev = prev[torch.as_tensor(~stop)]
                 states, lives = self._shrink(states, lives, ~stop, batch_size)
+
+    def _saturated_step(self, k: int, states: list[BatchState], prev: torch.Tensor | None
+                        ) -> tuple[np.ndarray, torch.Tensor, np.ndarray]:
+        """Layer k's probabilities, pooled states and saturation signal (0.0 at the first layer)
+        of all live rows, from the same pooled tensors the heads read (as recorded by
+        :meth:`~stopwise.encoder.EarlyExitClassifier.trace_from_features`)."""
+        from_pooled = self._from_pooled
+        assert from_pooled is not None  # made with the head that _predict_group was given
+        pooled = [self._pooled(k, st) for st in states]
+        p = np.concatenate([to_numpy(from_pooled(k, x)) for x in pooled])
+        now = pooled[0] if len(pooled) == 1 else torch.cat(pooled)
+        cos = np.zeros(len(p)) if prev is None else to_numpy(saturation(now, prev))
+        return p, now, cos
 
     def _lone_decider(self, rule: Rule) -> Callable[[torch.Tensor], np.ndarray | None] | None:
         """:func:`lone_row_decider`, kept for the certificate's rule: that rule is made by
