@@ -86,7 +86,8 @@ MLP_HIDDEN = 16
 SETTINGS: dict[str, dict[str, Any]] = {
     "minilm": {"n_time": 64, "variants": None, "wall": True},
     "smollm2": {"caps": {"bbc_sentences": 1000, "champ_steps": 1000, "bbc_articles": 500}, "max_length": 32,
-                "fractions": (0.2, 0.5, 0.3), "n_time": 16, "variants": ("labels", "distill", "labels_all", "distill_all"),
+                "fractions": (0.2, 0.5, 0.3), "n_time": 16, "variants": ("labels", "distill", "labels_all", "distill_all",
+                                                                    "mean_distill_t2", "mean_distill_t2_all"),
                 "wall": False, "all_sentences_caps": {"train": 2400, "gate": 1200}},
 }
 #: SmolLM2's ``all_sentences_caps``: its features ran at about 24 rows/s on the shared 2 cores
@@ -104,7 +105,7 @@ GATE_TRAINING: dict[str, dict[str, Any]] = {
 ALL_TASKS = ("bbc_sentences",)
 #: The rows that are timed (once, for the record): the issue's headline setting, two head sets.
 TIMED = {("gap", 0.01)}
-TIMED_VARIANTS = ("labels", "distill", "labels_all", "both_all")
+TIMED_VARIANTS = ("labels", "distill", "labels_all", "both_all", "mean_distill_t2", "mean_distill_t2_all")
 
 
 from encoder_gate_data import cached  # noqa: E402  (beside this file: sys.path above)
@@ -181,6 +182,10 @@ def _wall(clf: Any, enc: Any, cert: Any) -> dict[str, float]:
 #: heads on every sentence of the training articles, gates on every sentence of the gate articles.
 VARIANTS = (("labels", "labels", 1.0), ("distill", "distill", 1.0), ("both", "both", 1.0), ("distill_t2", "distill", 2.0))
 VARIANTS = (*VARIANTS, *((f"{n}_all", o, t) for n, o, t in VARIANTS))
+#: The prefix "mean_": heads built with exit_input="mean" (each exit reads the running mean of the
+#: pooled states of layers 1..k), for the head sets that did best with exit_input="layer".
+VARIANTS = (*VARIANTS, *((f"mean_{n}", o, t) for n, o, t in VARIANTS if n in ("labels", "distill_t2", "distill_t2_all",
+                                                                            "both_all")))
 
 
 def run_task(task: str, *, threads: int, repeats: int, variants: tuple[str, ...], backbone: str = "minilm",
@@ -192,7 +197,9 @@ def run_task(task: str, *, threads: int, repeats: int, variants: tuple[str, ...]
 
     t0 = time.perf_counter()
     c = cached(task, threads=threads, backbone=backbone, settings=SETTINGS[backbone])
-    clf = EarlyExitClassifier.from_base(backbone, class_names=c["class_names"], max_length=c["max_length"], pooling=c["pooling"])
+    clfs = {inp: EarlyExitClassifier.from_base(backbone, class_names=c["class_names"], max_length=c["max_length"],
+                                               pooling=c["pooling"], exit_input=inp) for inp in ("layer", "mean")}
+    clf = clfs["layer"]
     feats = c["features"]
     labels = {p: v.numpy() for p, v in c["labels"].items()}
     gate_rows, eval_rows = _halves(c["groups"]["test"].numpy())
@@ -215,6 +222,7 @@ def run_task(task: str, *, threads: int, repeats: int, variants: tuple[str, ...]
     for name, objective, temperature in VARIANTS:
         if name not in variants or (name.endswith("_all") and extra is None):
             continue
+        clf = clfs["mean" if name.startswith("mean_") else "layer"]
         head_x, head_y = (extra["train"]["features"], extra["train"]["labels"]) if name.endswith("_all") and extra else (
             feats["train"], labels["train"])
         clf.fit(features=head_x, labels=head_y, objective=objective, temperature=temperature, seed=0, progress=False)

@@ -77,6 +77,14 @@ def saturation(current: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
     return F.cosine_similarity(current.float(), previous.float(), dim=-1)
 
 
+def running_mean(total: torch.Tensor | None, pooled: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of the pooled states of layers 1..k + 1, their mean): what an exit reads with
+    ``exit_input="mean"``. One function, offline over cached features and online over the live
+    rows, so both compute the mean by the same ops in the same order."""
+    total = pooled.float() if total is None else total + pooled.float()
+    return total, total / float(k + 1)
+
+
 def check_class_names(names: Any) -> tuple[str, ...]:
     if isinstance(names, str) or not isinstance(names, Sequence) or len(names) < 2:
         raise StopwiseError(f"The 'class_names' parameter must be a list of at least 2 class names. Got {names!r} instead.")

@@ -18,10 +18,13 @@ from stopwise.core.certificate import Certificate
 from stopwise.core.errors import StopwiseError, check_choice, check_int
 from stopwise.core.rules import Rule
 from stopwise.encoder.backbone import Backbone, BatchState, mean_weights
-from stopwise.encoder.batches import Encoded, check_class_names, check_texts, unpadded_batch
+from stopwise.encoder.batches import Encoded, check_class_names, check_texts, running_mean, unpadded_batch
 from stopwise.encoder.heads import HEAD_TYPES, ExitHeads
 
 POOLINGS = ("mean", "cls", "last")
+#: What exit k reads: its own layer's pooled state, or the mean of layers 1..k's (a running mean:
+#: every exit, the final one included, then sees all the layers run so far).
+EXIT_INPUTS = ("layer", "mean")
 
 
 def fingerprint_model(model: torch.nn.Module) -> str:
@@ -38,7 +41,7 @@ class ExitsOnBackbone:
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, *, class_names: Sequence[str], base_name: str,
                  pooling: str | None = None, head: str = "linear", mlp_hidden: int = 256,
-                 max_length: int | None = None) -> None:
+                 max_length: int | None = None, exit_input: str = "layer") -> None:
         self.model = model.eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
@@ -50,6 +53,7 @@ class ExitsOnBackbone:
         self.pooling = check_choice(pooling or default_pool, "pooling", "EarlyExitClassifier", POOLINGS)
         self.head_kind = check_choice(head, "head", "EarlyExitClassifier", HEAD_TYPES)
         self.mlp_hidden = int(mlp_hidden)
+        self.exit_input = check_choice(exit_input, "exit_input", "EarlyExitClassifier", EXIT_INPUTS)
         limit = min(int(getattr(tokenizer, "model_max_length", 512) or 512),
                     int(getattr(model.config, "max_position_embeddings", 512) or 512), 4096)
         self.max_length = limit if max_length is None else check_int(max_length, "max_length", "EarlyExitClassifier", minimum=2)
@@ -89,6 +93,9 @@ class ExitsOnBackbone:
         if self._heads_id is not None and self._heads_id[0] == key:
             return self._heads_id[1]
         h = hashlib.sha256()
+        if self.exit_input != "layer":
+            # The same weights read other inputs: another model, so another id (the default's is unchanged).
+            h.update(f"exit_input={self.exit_input}".encode())
         for name, t in sorted(self.heads.state_dict().items()):
             h.update(name.encode())
             h.update(t.detach().contiguous().numpy().tobytes())
@@ -180,6 +187,18 @@ class ExitsOnBackbone:
         return weights
 
     @torch.inference_mode()
+    def exit_inputs(self, features: torch.Tensor) -> torch.Tensor:
+        """What the heads read from cached :meth:`features` (n, L, hidden): the features
+        themselves, or with ``exit_input="mean"`` their running mean over layers, computed by
+        the same function as the online path."""
+        if self.exit_input == "layer":
+            return features
+        out = torch.empty(features.shape, dtype=torch.float32)
+        total = None
+        for k in range(features.shape[1]):
+            total, out[:, k] = running_mean(total, features[:, k], k)
+        return out
+
     def features(self, texts: Any, *, batch_size: int = 32, progress: bool = True) -> torch.Tensor:
         """Pooled hidden state of every layer: (n, n_layers, hidden), one forward pass."""
         from tqdm.auto import tqdm

@@ -16,7 +16,7 @@ FORMAT = "stopwise.encoder.heads"
 #: Keys a heads config may hold; others are warned about (written by a newer stopwise?).
 CONFIG_KEYS = frozenset({
     "format", "stopwise_version", "base_model", "base_name", "model_type", "n_layers", "hidden_size",
-    "pooling", "head", "mlp_hidden", "n_classes", "class_names", "max_length", "heads_sha", "training",
+    "pooling", "head", "mlp_hidden", "exit_input", "n_classes", "class_names", "max_length", "heads_sha", "training",
 })
 
 

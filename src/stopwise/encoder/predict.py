@@ -21,7 +21,7 @@ from stopwise.core.errors import StopwiseError, check_choice, check_int
 from stopwise.core.rules import Rule, make_rule
 from stopwise.core.trace import StageBatch
 from stopwise.encoder.backbone import BatchState
-from stopwise.encoder.batches import LONE_ROW, Encoded, Prediction, saturation, to_numpy, unpadded_batch
+from stopwise.encoder.batches import LONE_ROW, Encoded, Prediction, running_mean, saturation, to_numpy, unpadded_batch
 from stopwise.encoder.decider import lone_row_decider, snapshot
 from stopwise.encoder.exits import ExitsOnBackbone
 from stopwise.encoder.progress import CancellablePrediction, ExitedRows, Watch, drop_stopper_rows
@@ -192,7 +192,8 @@ class EarlyExitPredictor(ExitsOnBackbone):
         """Batches advancing layer by layer together; one stopper over all their rows, which sees
         them in the order of ``lives`` concatenated (kept through every select and re-pack).
         ``watch`` (a server's callbacks) hears of every exit and drops cancelled rows before a layer."""
-        if rule is not None and len(group) == 1 and len(group[0][0]) == 1:
+        mean = self.exit_input == "mean"
+        if rule is not None and len(group) == 1 and len(group[0][0]) == 1 and not mean:
             decide = self._lone_decider(rule)
             if decide is not None:
                 self._predict_row(group[0], decide, head, out, calls, watch)
@@ -206,6 +207,8 @@ class EarlyExitPredictor(ExitsOnBackbone):
         # for a rule that reads the saturation signal.
         sat = rule is not None and reads_signal(rule, SATURATION)
         prev: torch.Tensor | None = None
+        # With exit_input="mean": the running sum of the live rows' pooled states.
+        total: torch.Tensor | None = None
         for k in range(self.n_layers):
             keep = None if watch is None else watch.keep_mask(lives, k)
             if keep is not None:
@@ -213,17 +216,24 @@ class EarlyExitPredictor(ExitsOnBackbone):
                     return
                 if stopper is not None:
                     drop_stopper_rows(stopper, keep)
-                if prev is not None:
-                    prev = prev[torch.as_tensor(keep)]
+                prev, total = _rows(prev, keep), _rows(total, keep)
                 states, lives = self._shrink(states, lives, keep, batch_size)
             for state, live in zip(states, lives, strict=True):
                 self.backbone.layer(k, state)
                 if calls is not None:
                     calls.append(len(live))
-            if stopper is None and k < last:
+            if stopper is None and k < last and not mean:
                 continue  # full model: only the final head is read
             signals: dict[str, np.ndarray] = {}
-            if sat:
+            if mean:
+                # Every layer adds to the running mean, even where no head is read.
+                p, prev, total, cos = self._mean_step(k, states, prev, total, probs=stopper is not None or k == last,
+                                                      sat=sat)
+                if stopper is None and k < last:
+                    continue
+                if cos is not None:
+                    signals[SATURATION] = cos
+            elif sat:
                 p, prev, signals[SATURATION] = self._saturated_step(k, states, prev)
             else:
                 # One batch (always so at batch 1): no concatenation, each is a copy and an op.
@@ -241,8 +251,7 @@ class EarlyExitPredictor(ExitsOnBackbone):
                 preds[gone], probs[gone], exit_layer[gone] = p[stop].argmax(axis=1), p[stop], k + 1
                 if watch is not None:
                     watch.exited(gone, preds[gone], probs[gone], k + 1)
-                if prev is not None:
-                    prev = prev[torch.as_tensor(~stop)]
+                prev, total = _rows(prev, ~stop), _rows(total, ~stop)
                 states, lives = self._shrink(states, lives, ~stop, batch_size)
 
     def _saturated_step(self, k: int, states: list[BatchState], prev: torch.Tensor | None
@@ -257,6 +266,20 @@ class EarlyExitPredictor(ExitsOnBackbone):
         now = pooled[0] if len(pooled) == 1 else torch.cat(pooled)
         cos = np.zeros(len(p)) if prev is None else to_numpy(saturation(now, prev))
         return p, now, cos
+
+    def _mean_step(self, k: int, states: list[BatchState], prev: torch.Tensor | None, total: torch.Tensor | None, *,
+                   probs: bool, sat: bool) -> tuple[np.ndarray, torch.Tensor | None, torch.Tensor, np.ndarray | None]:
+        """With ``exit_input="mean"``: layer k's probabilities (empty unless ``probs``), the pooled
+        states kept for saturation, the new running sum and the saturation signal (None unless
+        ``sat``), by :func:`~stopwise.encoder.batches.running_mean` as the recorded traces."""
+        from_pooled = self._from_pooled
+        assert from_pooled is not None  # made with the head that _predict_group was given
+        pooled = [self._pooled(k, st) for st in states]
+        now = pooled[0] if len(pooled) == 1 else torch.cat(pooled)
+        total, inputs = running_mean(total, now, k)
+        p = to_numpy(from_pooled(k, inputs)) if probs else np.empty((0, 0))
+        cos = None if not sat else (np.zeros(len(now)) if prev is None else to_numpy(saturation(now, prev)))
+        return p, now if sat else None, total, cos
 
     def _lone_decider(self, rule: Rule) -> Callable[[torch.Tensor], np.ndarray | None] | None:
         """:func:`lone_row_decider`, kept for the certificate's rule: that rule is made by
@@ -310,3 +333,8 @@ class EarlyExitPredictor(ExitsOnBackbone):
         pairs = [(state if m.all() else self.backbone.select(state, torch.as_tensor(m)), live[m])
                  for state, live, m in zip(states, lives, keeps, strict=True) if m.any()]
         return [s for s, _ in pairs], [live for _, live in pairs]
+
+
+def _rows(kept: torch.Tensor | None, mask: np.ndarray) -> torch.Tensor | None:
+    """The rows of a per-live-row tensor that stay (None stays None)."""
+    return None if kept is None else kept[torch.as_tensor(mask)]
