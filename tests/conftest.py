@@ -42,3 +42,29 @@ def small_bbc_classifier() -> Callable[..., tuple[Any, tuple[Any, Any, Any]]]:
         return model, split
 
     return build
+
+
+@pytest.fixture(scope="session")
+def bbc_sentence_features() -> Callable[..., tuple[Any, list[str], Any, Any]]:
+    """Build (classifier, texts, labels, features): MiniLM (32 tokens) on ``n`` random BBC
+    sentences, every layer's pooled state cached, heads fitted on the first ``n_fit`` rows."""
+
+    def build(*, seed: int, n: int, n_fit: int, **kwargs: Any) -> tuple[Any, list[str], Any, Any]:
+        import numpy as np
+        import torch
+
+        from stopwise.encoder import EarlyExitClassifier
+        from stopwise.encoder.data import bbc_sentences
+
+        torch.set_num_threads(2)
+        data = bbc_sentences(per_article=1)
+        rows = np.random.default_rng(seed).permutation(len(data))[:n]
+        texts, labels = [data.texts[i] for i in rows], data.labels[rows]
+        clf = EarlyExitClassifier.from_base("minilm", class_names=data.class_names, max_length=32, **kwargs)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            feats = clf.features(texts, progress=False)
+        clf.fit(features=feats[:n_fit], labels=labels[:n_fit], epochs=30, progress=False)
+        return clf, texts, labels, feats
+
+    return build

@@ -15,22 +15,9 @@ import stopwise as sw
 
 
 @pytest.fixture(scope="module")
-def mean_minilm() -> Any:
-    torch = pytest.importorskip("torch")
+def mean_minilm(bbc_sentence_features: Any) -> Any:
     pytest.importorskip("transformers")
-    from stopwise.encoder import EarlyExitClassifier
-    from stopwise.encoder.data import bbc_sentences
-
-    torch.set_num_threads(2)
-    data = bbc_sentences(per_article=1)
-    rows = np.random.default_rng(1).permutation(len(data))[:200]
-    texts, labels = [data.texts[i] for i in rows], data.labels[rows]
-    clf = EarlyExitClassifier.from_base("minilm", class_names=data.class_names, max_length=32, exit_input="mean")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        feats = clf.features(texts, progress=False)
-    clf.fit(features=feats[:100], labels=labels[:100], epochs=30, progress=False)
-    return clf, texts, labels, feats
+    return bbc_sentence_features(seed=1, n=200, n_fit=100, exit_input="mean")
 
 
 @pytest.mark.model

@@ -68,22 +68,9 @@ class _Spy(Rule):
 
 
 @pytest.fixture(scope="module")
-def bbc_minilm() -> Any:
-    torch = pytest.importorskip("torch")
+def bbc_minilm(bbc_sentence_features: Any) -> Any:
     pytest.importorskip("transformers")
-    from stopwise.encoder import EarlyExitClassifier
-    from stopwise.encoder.data import bbc_sentences
-
-    torch.set_num_threads(2)
-    data = bbc_sentences(per_article=1)
-    rows = np.random.default_rng(0).permutation(len(data))[:240]
-    texts, labels = [data.texts[i] for i in rows], data.labels[rows]
-    clf = EarlyExitClassifier.from_base("minilm", class_names=data.class_names, max_length=32, pooling="mean")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        feats = clf.features(texts, progress=False)
-    clf.fit(features=feats[:80], labels=labels[:80], epochs=30, progress=False)
-    return clf, texts, labels, feats
+    return bbc_sentence_features(seed=0, n=240, n_fit=80, pooling="mean")
 
 
 @pytest.mark.model
