@@ -225,16 +225,14 @@ class EarlyExitPredictor(ExitsOnBackbone):
             if stopper is None and k < last and not mean:
                 continue  # full model: only the final head is read
             signals: dict[str, np.ndarray] = {}
-            if mean:
-                # Every layer adds to the running mean, even where no head is read.
-                p, prev, total, cos = self._mean_step(k, states, prev, total, probs=stopper is not None or k == last,
-                                                      sat=sat)
+            if mean or sat:
+                # With exit_input="mean" every layer adds to the running mean, even where no head is read.
+                p, prev, total, cos = self._pooled_step(k, states, prev, total, probs=stopper is not None or k == last,
+                                                        sat=sat, mean=mean)
                 if stopper is None and k < last:
                     continue
                 if cos is not None:
                     signals[SATURATION] = cos
-            elif sat:
-                p, prev, signals[SATURATION] = self._saturated_step(k, states, prev)
             else:
                 # One batch (always so at batch 1): no concatenation, each is a copy and an op.
                 p = to_numpy(head(k, states[0])) if len(states) == 1 else np.concatenate([to_numpy(head(k, st)) for st in states])
@@ -254,30 +252,26 @@ class EarlyExitPredictor(ExitsOnBackbone):
                 prev, total = _rows(prev, ~stop), _rows(total, ~stop)
                 states, lives = self._shrink(states, lives, ~stop, batch_size)
 
-    def _saturated_step(self, k: int, states: list[BatchState], prev: torch.Tensor | None
-                        ) -> tuple[np.ndarray, torch.Tensor, np.ndarray]:
-        """Layer k's probabilities, pooled states and saturation signal (0.0 at the first layer)
-        of all live rows, from the same pooled tensors the heads read (as recorded by
-        :meth:`~stopwise.encoder.EarlyExitClassifier.trace_from_features`)."""
-        from_pooled = self._from_pooled
-        assert from_pooled is not None  # made with the head that _predict_group was given
-        pooled = [self._pooled(k, st) for st in states]
-        p = np.concatenate([to_numpy(from_pooled(k, x)) for x in pooled])
-        now = pooled[0] if len(pooled) == 1 else torch.cat(pooled)
-        cos = np.zeros(len(p)) if prev is None else to_numpy(saturation(now, prev))
-        return p, now, cos
-
-    def _mean_step(self, k: int, states: list[BatchState], prev: torch.Tensor | None, total: torch.Tensor | None, *,
-                   probs: bool, sat: bool) -> tuple[np.ndarray, torch.Tensor | None, torch.Tensor, np.ndarray | None]:
-        """With ``exit_input="mean"``: layer k's probabilities (empty unless ``probs``), the pooled
-        states kept for saturation, the new running sum and the saturation signal (None unless
-        ``sat``), by :func:`~stopwise.encoder.batches.running_mean` as the recorded traces."""
+    def _pooled_step(self, k: int, states: list[BatchState], prev: torch.Tensor | None, total: torch.Tensor | None, *,
+                     probs: bool, sat: bool, mean: bool
+                     ) -> tuple[np.ndarray, torch.Tensor | None, torch.Tensor | None, np.ndarray | None]:
+        """Layer k from the live rows' pooled states, as the recorded traces compute it
+        (:meth:`~stopwise.encoder.EarlyExitClassifier.trace_from_features`): the probabilities
+        (empty unless ``probs``), the pooled states kept for the next saturation (None unless
+        ``sat``), the running sum of pooled states (with ``mean``, by
+        :func:`~stopwise.encoder.batches.running_mean`; else None) and the saturation signal
+        (None unless ``sat``; 0.0 at the first layer)."""
         from_pooled = self._from_pooled
         assert from_pooled is not None  # made with the head that _predict_group was given
         pooled = [self._pooled(k, st) for st in states]
         now = pooled[0] if len(pooled) == 1 else torch.cat(pooled)
-        total, inputs = running_mean(total, now, k)
-        p = to_numpy(from_pooled(k, inputs)) if probs else np.empty((0, 0))
+        p = np.empty((0, 0))
+        if mean:
+            total, inputs = running_mean(total, now, k)
+            if probs:
+                p = to_numpy(from_pooled(k, inputs))
+        elif probs:
+            p = np.concatenate([to_numpy(from_pooled(k, x)) for x in pooled])
         cos = None if not sat else (np.zeros(len(now)) if prev is None else to_numpy(saturation(now, prev)))
         return p, now if sat else None, total, cos
 
