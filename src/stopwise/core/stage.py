@@ -20,16 +20,26 @@ FloatArray = npt.NDArray[np.float64]
 BoolArray = npt.NDArray[np.bool_]
 
 
+def _hash63(data: bytes) -> int:
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
 def hash_answers(answers: Iterable[str | None]) -> IntArray:
     """Map answer strings to stable non-negative int64 ids; ``None`` maps to NO_ANSWER."""
-    out = []
-    for a in answers:
-        if a is None:
-            out.append(NO_ANSWER)
-        else:
-            digest = hashlib.blake2b(a.encode("utf-8"), digest_size=8).digest()
-            out.append(int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF)
-    return np.asarray(out, dtype=np.int64)
+    return np.asarray([NO_ANSWER if a is None else _hash63(a.encode("utf-8")) for a in answers], dtype=np.int64)
+
+
+def hash_rows(*parts: np.ndarray) -> IntArray:
+    """One stable 63-bit id per row of the bytes of every part's row (same first axis), in order:
+    a recorded input's identity, so that two traces can be checked for shared rows."""
+    arrays = [np.ascontiguousarray(p) for p in parts]
+    n = arrays[0].shape[0]
+    return np.fromiter((_hash63(b"".join(a[i].tobytes() for a in arrays)) for i in range(n)), dtype=np.int64, count=n)
+
+
+def hashes_digest(hashes: IntArray) -> str:
+    """A short digest of a set of row ids (order does not matter): which rows a model saw."""
+    return hashlib.sha256(np.sort(np.asarray(hashes, dtype=np.int64)).tobytes()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,6 @@ Pure numpy (no torch), so a saved certificate naming ``exit_gate`` reloads witho
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,6 +34,7 @@ from stopwise.core.certificate import Certificate
 from stopwise.core.errors import StopwiseError, check_int, param_error
 from stopwise.core.jsonfile import read_tagged_json
 from stopwise.core.rules import Rule, register_rule
+from stopwise.core.stage import hash_rows, hashes_digest
 from stopwise.core.trace import FloatArray, IntArray, StageBatch, Trace
 from stopwise.encoder.gate_mlp import MLPParams, fit_mlp, mlp_logit
 
@@ -211,13 +211,7 @@ def row_hashes(trace: Trace) -> IntArray:
     input's recorded exits, so two traces can be checked for shared rows."""
     if trace.probs is None:
         raise StopwiseError("row_hashes needs a trace with class probabilities ('probs').")
-    probs = np.ascontiguousarray(trace.probs, dtype=np.float32)
-    preds = np.ascontiguousarray(trace.predictions, dtype=np.int64)
-    out = np.empty(trace.n, dtype=np.int64)
-    for i in range(trace.n):
-        h = hashlib.blake2b(probs[i].tobytes() + preds[i].tobytes(), digest_size=8).digest()
-        out[i] = int.from_bytes(h, "little") & 0x7FFF_FFFF_FFFF_FFFF
-    return out
+    return hash_rows(np.asarray(trace.probs, dtype=np.float32), np.asarray(trace.predictions, dtype=np.int64))
 
 
 def _newton_logistic(z: FloatArray, y: FloatArray, *, l2: float, iterations: int) -> FloatArray:
@@ -274,7 +268,7 @@ def train_gate(trace: Trace, *, l2: float | None = None, iterations: int | None 
         weights, bias = mlp.weights, mlp.bias
         hidden_params = {"hidden_weights": mlp.hidden_weights, "hidden_bias": mlp.hidden_bias}
     hashes = row_hashes(trace)
-    digest = hashlib.sha256(np.sort(hashes).tobytes()).hexdigest()[:16]
+    digest = hashes_digest(hashes)
     gate = ExitGate(weights=weights, bias=bias, mean=mean, scale=scale, n_layers=n_layers, n_classes=n_classes,
                     signals=signals, base_model=trace.meta.get("base_model"), heads=trace.meta.get("heads"),
                     train_digest=digest, **hidden_params)

@@ -18,7 +18,6 @@ calibration trace that shares one with them.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -27,6 +26,7 @@ import numpy as np
 import stopwise as sw
 from stopwise._errors import StopwiseError, check_int
 from stopwise.core.boosting import BoostedTrees, fit_boosted_trees
+from stopwise.core.stage import hash_rows, hashes_digest
 from stopwise.trace import FloatArray, IntArray, StageBatch
 from stopwise.training.curves import REGRET
 from stopwise.training.rules import SCORE, score_of
@@ -106,14 +106,7 @@ class LearnedStopping(sw.Rule):
                  train_digest: str | None = None, lam: float | None = None) -> None:
         super().__init__(lam=lam)
         self.horizon = check_int(horizon, "horizon", "LearnedStopping", minimum=1)
-        if isinstance(aux, str) or not all(isinstance(a, str) and a and a not in (SCORE, REGRET) for a in aux):
-            raise StopwiseError(f"The 'aux' parameter of LearnedStopping must be a list of metric names other than "
-                                f"{SCORE!r} and {REGRET!r}. Got {aux!r} instead.")
-        self.aux = [str(a) for a in aux]
-        if isinstance(log_aux, str) or not set(log_aux) <= set(self.aux):
-            raise StopwiseError(f"The 'log_aux' parameter of LearnedStopping must list names from aux = {self.aux}. "
-                                f"Got {log_aux!r} instead.")
-        self.log_aux = [a for a in self.aux if a in set(log_aux)]
+        self.aux, self.log_aux = _check_aux(aux, log_aux)
         self.trees = BoostedTrees.from_dict(model)
         want = len(CURVE_FEATURES) + len(AUX_FEATURES) * len(self.aux)
         if self.trees.n_features != want:
@@ -161,12 +154,7 @@ def run_hashes(trace: sw.Trace, *, aux: Sequence[str] = ()) -> IntArray:
     missing = [a for a in aux if a not in trace.signals]
     if missing:
         raise StopwiseError(f"The trace lacks the aux metric(s) {missing}; it has signals {sorted(trace.signals)}.")
-    rows = np.stack([np.where(trace.mask, trace.signals[name], np.nan) for name in (SCORE, *aux)], axis=1)
-    out = np.empty(trace.n, dtype=np.int64)
-    for i in range(trace.n):
-        h = hashlib.blake2b(np.ascontiguousarray(rows[i]).tobytes(), digest_size=8).digest()
-        out[i] = int.from_bytes(h, "little") & 0x7FFF_FFFF_FFFF_FFFF
-    return out
+    return hash_rows(np.stack([np.where(trace.mask, trace.signals[name], np.nan) for name in (SCORE, *aux)], axis=1))
 
 
 def fit_learned_stopping(trace: sw.Trace, *, aux: Sequence[str] = (), log_aux: Sequence[str] = (), rounds: int = 100,
@@ -182,25 +170,30 @@ def fit_learned_stopping(trace: sw.Trace, *, aux: Sequence[str] = (), log_aux: S
     horizon = trace.n_stages
     if horizon < 2:
         raise StopwiseError(f"fit_learned_stopping needs runs of at least 2 evaluations. Got {horizon}.")
-    probe = LearnedStopping(horizon=horizon, aux=aux, log_aux=log_aux,
-                            model=_constant(len(CURVE_FEATURES) + len(AUX_FEATURES) * len(aux)))
-    state = probe.init_state(trace.n)
+    aux_names, log_names = _check_aux(aux, log_aux)
+    state = _empty(trace.n, len(aux_names))
     xs = []
     for k in range(horizon):
-        state = _advance(state, trace.stage(k), probe.aux, probe.log_aux)
+        state = _advance(state, trace.stage(k), aux_names, log_names)
         xs.append(_features(state, horizon))
     assert trace.mask is not None
     x = np.stack(xs, axis=1)[trace.mask]
     y = np.asarray(trace.signals[REGRET], dtype=np.float64)[trace.mask]
     trees = fit_boosted_trees(x, y, rounds=rounds, depth=depth, learning_rate=learning_rate, min_leaf=min_leaf, l2=l2)
-    hashes = run_hashes(trace, aux=aux)
+    hashes = run_hashes(trace, aux=aux_names)
     rule = LearnedStopping(horizon=horizon, model=trees.to_dict(), aux=aux, log_aux=log_aux,
-                           train_digest=hashlib.sha256(np.sort(hashes).tobytes()).hexdigest()[:16])
+                           train_digest=hashes_digest(hashes))
     rule.train_runs = frozenset(int(h) for h in hashes)
     return rule
 
 
-def _constant(n_features: int) -> dict[str, Any]:
-    """An empty ensemble's params (predicts 0): what validates the arguments before a fit."""
-    return {"base": 0.0, "learning_rate": 1.0, "n_features": n_features, "features": [[0]], "thresholds": [[None]],
-            "leaves": [[0.0, 0.0]]}
+def _check_aux(aux: Sequence[str], log_aux: Sequence[str]) -> tuple[list[str], list[str]]:
+    """The aux metric names and those read in log scale (in aux order), checked."""
+    if isinstance(aux, str) or not all(isinstance(a, str) and a and a not in (SCORE, REGRET) for a in aux):
+        raise StopwiseError(f"The 'aux' parameter of LearnedStopping must be a list of metric names other than "
+                            f"{SCORE!r} and {REGRET!r}. Got {aux!r} instead.")
+    names = [str(a) for a in aux]
+    if isinstance(log_aux, str) or not set(log_aux) <= set(names):
+        raise StopwiseError(f"The 'log_aux' parameter of LearnedStopping must list names from aux = {names}. "
+                            f"Got {log_aux!r} instead.")
+    return names, [a for a in names if a in set(log_aux)]
