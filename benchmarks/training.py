@@ -112,15 +112,19 @@ def certified_halts(cal: sw.Trace, test: sw.Trace, eps: float, pvalue: str) -> t
     return best[1], best[2]
 
 
-def learned_halts(cal: sw.Trace, test: sw.Trace, eps: float, pvalue: str) -> tuple[np.ndarray, str]:
-    """Fit LearnedStopping on the first FIT_SHARE of ``cal`` (a random order already), certify it
-    on the rest at the full δ, stop ``test``."""
+def fit_learned(cal: sw.Trace) -> tuple[sw.Rule, sw.Trace]:
+    """LearnedStopping fitted on the first FIT_SHARE of ``cal`` (a random order already), and the
+    rest of ``cal``, which certifies it (once per split: the fit does not depend on ε)."""
     n_fit = int(round(FIT_SHARE * cal.n))
     fit, rest = _rows(cal, np.arange(n_fit)), _rows(cal, np.arange(n_fit, cal.n))
     aux = ["val_loss"] if "val_loss" in cal.signals else []
     # A fit run identical to a certification run (a few small-data runs repeat their curves) is left out.
     fit = _rows(fit, np.flatnonzero(~np.isin(run_hashes(fit, aux=aux), run_hashes(rest, aux=aux))))
-    rule = fit_learned_stopping(fit, aux=aux, log_aux=aux)
+    return fit_learned_stopping(fit, aux=aux, log_aux=aux), rest
+
+
+def learned_halts(rule: sw.Rule, rest: sw.Trace, test: sw.Trace, eps: float, pvalue: str) -> tuple[np.ndarray, str]:
+    """Certify the fitted rule on ``rest`` at the full δ; stop ``test``."""
     try:
         cert = certify(rest, rule, epsilon=eps, delta=DELTA, pvalue=pvalue)
     except sw.CalibrationError:
@@ -181,11 +185,12 @@ def run_collection(name: str, trace: sw.Trace, groups: np.ndarray, *, splits: in
         cal_idx, test_idx = np.sort(perm[:n_cal]), np.sort(perm[n_cal:])
         cal, test = _rows(trace, cal_idx), _rows(trace, test_idx)
         g_test = groups[test_idx]
+        learned, rest = fit_learned(_rows(trace, perm[:n_cal]))
         for eps in EPSILONS:
             halts, what = certified_halts(cal, test, eps, pvalue)
             rows.setdefault(f"certified@{eps:g}", []).append(measure(test, halts, g_test))
             chosen[f"{eps:g}"].append(what)
-            halts, what = learned_halts(_rows(trace, perm[:n_cal]), test, eps, pvalue)
+            halts, what = learned_halts(learned, rest, test, eps, pvalue)
             rows.setdefault(f"learned@{eps:g}", []).append(measure(test, halts, g_test))
             learned_what.setdefault(f"{eps:g}", []).append(what)
         for p in PATIENCES:

@@ -131,7 +131,7 @@ class RunMonitor:
         After a stop further calls change nothing and return True."""
         if self.stopped:
             return True
-        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        if not _is_number(value):
             raise StopwiseError(f"The 'value' parameter of RunMonitor.step must be a number. Got {value!r} instead.")
         extra = self._aux_values(aux)
         value = float(value)
@@ -177,7 +177,7 @@ class RunMonitor:
         out = {}
         for name in need:
             v = given[name]
-            if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+            if not _is_number(v):
                 raise StopwiseError(f"The aux metric {name!r} given to RunMonitor.step must be a number. Got {v!r} instead.")
             out[name] = float(v)
         return out
@@ -247,6 +247,10 @@ class RunMonitor:
     def __repr__(self) -> str:
         status = f"stopped: {self.reason}" if self.stopped else "running"
         return f"RunMonitor({self.rule!r}, monitor={self.monitor!r}, mode={self.mode!r}, stage={self.stage}, {status})"
+
+
+def _is_number(v: Any) -> bool:
+    return not isinstance(v, bool) and isinstance(v, (int, float, np.integer, np.floating))
 
 
 def _json_float(v: float) -> float | str:
