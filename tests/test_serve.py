@@ -212,13 +212,17 @@ def test_a_client_that_disconnects_has_its_queued_work_dropped() -> None:
 def test_a_client_that_leaves_while_its_batch_runs_is_counted_and_others_are_answered() -> None:
     clf = FakeClassifier()
     clf.gate.clear()
-    app = create_app(clf, None, max_batch_size=4, max_wait_ms=100)
+    app = create_app(clf, None, max_batch_size=4, max_wait_ms=500)
     with ServerThread(app) as server:
         url = f"{server.url}/v1/classify"
 
         async def go() -> Any:
             async with httpx.AsyncClient(timeout=30) as a, httpx.AsyncClient(timeout=30) as b:
                 leaver = asyncio.ensure_future(a.post(url, json={"texts": ["leaves"]}))
+                # Two clients' requests reach the queue in either order: send the second once the
+                # first is queued, within the batcher's wait, so the batch's order is known.
+                while app.state.metrics.queue_rows < 1:
+                    await asyncio.sleep(0.005)
                 stayer = asyncio.ensure_future(b.post(url, json={"texts": ["stays"]}))
                 while not clf.entered.is_set():
                     await asyncio.sleep(0.01)
